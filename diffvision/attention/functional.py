@@ -1,0 +1,264 @@
+"""The differential attention function shared by every diffvision model.
+
+    out[:, i] = (softmax(q1_i k1_iᵀ·s + mask) − lam_i · softmax(q2_g k2_gᵀ·s + mask)) @ v_i,
+    g = i // (Hs // Hn)
+
+Hs == Hn is DIFF attention (Ye et al., 2025); Hs > Hn is Grouped Differential Attention, where
+each noise map is shared by a group of Hs // Hn consecutive signal heads (like GQA shares K/V).
+
+Backends compute the same function:
+  * ``"math"``: materialises both maps; the readable reference.
+  * ``"sdpa"``: two ``F.scaled_dot_product_attention`` calls, no N×M map kept.
+  * ``"triton"``: the fused kernel in :mod:`diffvision.attention.triton_kernel` (CUDA only).
+  * ``"auto"``: the fastest backend that supports the call.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["differential_attention", "BACKENDS", "available_backends"]
+
+BACKENDS = ("auto", "math", "sdpa", "triton")
+
+
+# --------------------------------------------------------------------------------------------
+# Input validation: every error names the argument, what it got and what is accepted.
+# --------------------------------------------------------------------------------------------
+
+def _shape(t: Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def _validate(q1, k1, q2, k2, v, lam, attn_mask, is_causal, dropout_p, scale, backend) -> None:
+    tensors = {"q1": q1, "k1": k1, "q2": q2, "k2": k2, "v": v}
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must have 4 dims (batch, heads, seq, head_dim), got shape {_shape(t)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    dtypes = {name: t.dtype for name, t in tensors.items()}
+    if len(set(dtypes.values())) != 1:
+        raise ValueError(f"q1, k1, q2, k2, v must share one dtype, got {dtypes}")
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) != 1:
+        raise ValueError(f"q1, k1, q2, k2, v must be on one device, got {devices}")
+
+    B, Hs, N, d = q1.shape
+    Hn, M, dv = q2.shape[1], k1.shape[2], v.shape[3]
+    expected = {
+        "k1": (B, Hs, M, d),
+        "q2": (B, Hn, N, d),
+        "k2": (B, Hn, M, d),
+        "v": (B, Hs, M, dv),
+    }
+    names = {
+        "k1": "(B, Hs, M, d) with B, Hs, d from q1",
+        "q2": "(B, Hn, N, d) with B, N, d from q1",
+        "k2": "(B, Hn, M, d) with Hn from q2 and M from k1",
+        "v": "(B, Hs, M, dv) with B, Hs from q1 and M from k1",
+    }
+    for name, exp in expected.items():
+        got = tuple(tensors[name].shape)
+        if got != exp:
+            raise ValueError(
+                f"{name} has shape {_shape(tensors[name])}, expected {exp} = {names[name]}")
+    if Hn == 0 or Hs % Hn != 0:
+        raise ValueError(
+            f"signal heads Hs={Hs} (q1.shape[1]) must be a multiple of noise heads Hn={Hn} "
+            f"(q2.shape[1]); accepted: Hn in the divisors of Hs")
+    if N == 0 or M == 0 or d == 0 or dv == 0:
+        raise ValueError(f"empty attention: q1 {_shape(q1)}, k1 {_shape(k1)}, v {_shape(v)}")
+
+    if not isinstance(lam, Tensor):
+        raise TypeError(f"lam must be a torch.Tensor (0-d or shape ({Hs},)), got {type(lam).__name__}")
+    if not lam.is_floating_point():
+        raise ValueError(f"lam must be a floating-point tensor, got dtype {lam.dtype}")
+    if lam.device != q1.device:
+        raise ValueError(f"lam is on {lam.device}, expected the inputs' device {q1.device}")
+    if not (lam.dim() == 0 or tuple(lam.shape) == (Hs,)):
+        raise ValueError(f"lam has shape {_shape(lam)}, expected () or ({Hs},) (one per signal head)")
+
+    if attn_mask is not None:
+        if not isinstance(attn_mask, Tensor):
+            raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+        if attn_mask.device != q1.device:
+            raise ValueError(f"attn_mask is on {attn_mask.device}, expected {q1.device}")
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            raise ValueError(
+                f"attn_mask must be bool (True = attend) or floating (additive), got {attn_mask.dtype}")
+        target = (B, Hs, N, M)
+        ok = attn_mask.dim() <= 4
+        if ok:
+            for got, want in zip(reversed(attn_mask.shape), reversed(target)):
+                if got not in (1, want):
+                    ok = False
+        if not ok:
+            raise ValueError(
+                f"attn_mask has shape {_shape(attn_mask)}, expected a shape broadcastable to "
+                f"(B, Hs, N, M) = {target}")
+        if is_causal:
+            raise ValueError("pass either attn_mask or is_causal=True, not both (as in SDPA)")
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Backends
+# --------------------------------------------------------------------------------------------
+
+def _lam_view(lam: Tensor, dtype: torch.dtype) -> Tensor:
+    """lam as a (1, Hs, 1, 1) or 0-d tensor in the output dtype."""
+    lam = lam.to(dtype)
+    return lam.view(1, -1, 1, 1) if lam.dim() == 1 else lam
+
+
+def _additive_mask(attn_mask: Optional[Tensor], is_causal: bool, N: int, M: int,
+                   dtype: torch.dtype, device) -> Optional[Tensor]:
+    """Masks as an additive bias; causal is top-left aligned like SDPA (query i sees keys <= i)."""
+    if is_causal:
+        attn_mask = torch.ones(N, M, dtype=torch.bool, device=device).tril()
+    if attn_mask is None:
+        return None
+    if attn_mask.dtype == torch.bool:
+        return torch.zeros(attn_mask.shape, dtype=dtype, device=device).masked_fill(
+            ~attn_mask, float("-inf"))
+    return attn_mask.to(dtype)
+
+
+def _safe_softmax(scores: Tensor) -> Tensor:
+    """softmax over the last dim; a row masked out entirely gives zeros (as SDPA does), not NaN."""
+    probs = torch.softmax(scores, dim=-1)
+    fully_masked = torch.isneginf(scores).all(dim=-1, keepdim=True)
+    return probs.masked_fill(fully_masked, 0.0)
+
+
+def _math(q1, k1, q2, k2, v, lam, attn_mask, is_causal, dropout_p, scale) -> Tensor:
+    group = q1.shape[1] // q2.shape[1]
+    q2 = q2.repeat_interleave(group, dim=1)
+    k2 = k2.repeat_interleave(group, dim=1)
+    bias = _additive_mask(attn_mask, is_causal, q1.shape[2], k1.shape[2], q1.dtype, q1.device)
+    s1 = (q1 @ k1.transpose(-2, -1)) * scale
+    s2 = (q2 @ k2.transpose(-2, -1)) * scale
+    if bias is not None:
+        s1, s2 = s1 + bias, s2 + bias
+    a1, a2 = _safe_softmax(s1), _safe_softmax(s2)
+    if dropout_p > 0.0:
+        # Each map is dropped independently, exactly as two SDPA calls with dropout do.
+        a1, a2 = F.dropout(a1, dropout_p), F.dropout(a2, dropout_p)
+    return (a1 - _lam_view(lam, a1.dtype) * a2) @ v
+
+
+def _sdpa(q1, k1, q2, k2, v, lam, attn_mask, is_causal, dropout_p, scale) -> Tensor:
+    B, Hs, M, dv = v.shape
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        attn_mask = attn_mask.to(q1.dtype)  # SDPA wants an additive mask in the query dtype
+    Hn = q2.shape[1]
+    group = Hs // Hn
+    o1 = F.scaled_dot_product_attention(
+        q1, k1, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+    mask_per_head = attn_mask is not None and attn_mask.dim() >= 3 and attn_mask.shape[-3] != 1
+    if group == 1:
+        o2 = F.scaled_dot_product_attention(
+            q2, k2, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+    elif mask_per_head:
+        # A per-signal-head mask makes each head's noise map different: expand the noise heads.
+        o2 = F.scaled_dot_product_attention(
+            q2.repeat_interleave(group, dim=1), k2.repeat_interleave(group, dim=1), v,
+            attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+    else:
+        # One noise map per group multiplies the group's values side by side: stack the group's
+        # value heads along the feature dim so each noise map is computed once, not `group` times.
+        v_grouped = v.reshape(B, Hn, group, M, dv).transpose(2, 3).reshape(B, Hn, M, group * dv)
+        o2 = F.scaled_dot_product_attention(
+            q2, k2, v_grouped, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+            scale=scale)
+        N = q2.shape[2]
+        o2 = o2.reshape(B, Hn, N, group, dv).transpose(2, 3).reshape(B, Hs, N, dv)
+    return o1 - _lam_view(lam, o1.dtype) * o2
+
+
+def _triton(q1, k1, q2, k2, v, lam, attn_mask, is_causal, dropout_p, scale) -> Tensor:
+    try:
+        from . import triton_kernel
+    except ImportError as err:
+        raise RuntimeError(f"backend='triton' needs the triton package and a CUDA GPU ({err})") from err
+    reason = triton_kernel.unsupported_reason(q1, k1, q2, k2, v, attn_mask, dropout_p)
+    if reason is not None:
+        raise ValueError(f"backend='triton' cannot run this call: {reason}; use backend='sdpa' or 'auto'")
+    return triton_kernel.triton_differential_attention(q1, k1, q2, k2, v, lam, is_causal, scale)
+
+
+_IMPLS: dict[str, Callable[..., Tensor]] = {"math": _math, "sdpa": _sdpa, "triton": _triton}
+
+
+def _auto_backend(q1, k1, q2, k2, v, attn_mask, dropout_p) -> str:
+    if q1.is_cuda:
+        try:
+            from . import triton_kernel
+        except ImportError:  # triton not installed
+            return "sdpa"
+        if triton_kernel.unsupported_reason(q1, k1, q2, k2, v, attn_mask, dropout_p) is None:
+            return "triton"
+    return "sdpa"
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Backends that can run on ``device`` (``"triton"`` needs CUDA and the triton package)."""
+    names = ["math", "sdpa"]
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        try:
+            from . import triton_kernel  # noqa: F401
+            names.append("triton")
+        except ImportError:
+            pass
+    return names
+
+
+def differential_attention(
+    q1: Tensor,
+    k1: Tensor,
+    q2: Tensor,
+    k2: Tensor,
+    v: Tensor,
+    lam: Tensor,
+    *,
+    attn_mask: Optional[Tensor] = None,
+    is_causal: bool = False,
+    dropout_p: float = 0.0,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Differential attention, laid out like ``F.scaled_dot_product_attention``.
+
+    Args:
+        q1, k1: signal queries/keys, ``(B, Hs, N, d)`` and ``(B, Hs, M, d)``.
+        q2, k2: noise queries/keys, ``(B, Hn, N, d)`` and ``(B, Hn, M, d)``; ``Hs % Hn == 0``.
+        v: values ``(B, Hs, M, dv)`` (the paper uses ``dv = 2d``).
+        lam: λ, a 0-d tensor or one per signal head ``(Hs,)``; receives gradients.
+        attn_mask: bool (True = attend) or additive float, broadcastable to ``(B, Hs, N, M)``.
+        is_causal: top-left aligned causal mask, as in SDPA.
+        dropout_p: dropout on each attention map (pass 0.0 in eval, like SDPA).
+        scale: score scale ``s``; defaults to ``1/sqrt(d)``.
+        backend: ``"auto"``, ``"math"``, ``"sdpa"`` or ``"triton"``.
+
+    Returns:
+        ``(B, Hs, N, dv)``. A query row whose keys are all masked out gives zeros.
+    """
+    _validate(q1, k1, q2, k2, v, lam, attn_mask, is_causal, dropout_p, scale, backend)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q1.shape[-1])
+    if backend == "auto":
+        backend = _auto_backend(q1, k1, q2, k2, v, attn_mask, dropout_p)
+    return _IMPLS[backend](q1, k1, q2, k2, v, lam, attn_mask, is_causal, float(dropout_p), float(scale))
