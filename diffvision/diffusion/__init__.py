@@ -1,0 +1,26 @@
+"""diffvision.diffusion: DIFF-DiT as a diffusers model (DiffDiTTransformer2DModel) and pipeline (DiffDiTPipeline)."""
+from .transformer_diff_dit import (
+    ATTENTION_TYPES,
+    DIT_PRESETS,
+    DiffDiTBlock,
+    DiffDiTTransformer2DModel,
+    convert_diff_dit_to_dit,
+    convert_dit_to_diff_dit,
+    diff_dit_state_dict_to_dit,
+    dit_state_dict_to_diff_dit,
+    resolve_attention_heads,
+)
+from .pipeline_diff_dit import DiffDiTPipeline
+
+__all__ = [
+    "ATTENTION_TYPES",
+    "DIT_PRESETS",
+    "DiffDiTBlock",
+    "DiffDiTPipeline",
+    "DiffDiTTransformer2DModel",
+    "convert_diff_dit_to_dit",
+    "convert_dit_to_diff_dit",
+    "diff_dit_state_dict_to_dit",
+    "dit_state_dict_to_diff_dit",
+    "resolve_attention_heads",
+]
