@@ -197,7 +197,8 @@ def _triton(q1, k1, q2, k2, v, lam, attn_mask, is_causal, dropout_p, scale) -> T
     reason = triton_kernel.unsupported_reason(q1, k1, q2, k2, v, attn_mask, dropout_p)
     if reason is not None:
         raise ValueError(f"backend='triton' cannot run this call: {reason}; use backend='sdpa' or 'auto'")
-    return triton_kernel.triton_differential_attention(q1, k1, q2, k2, v, lam, is_causal, scale)
+    return triton_kernel.triton_differential_attention(
+        q1, k1, q2, k2, v, lam, is_causal, scale, attn_mask=attn_mask)
 
 
 _IMPLS: dict[str, Callable[..., Tensor]] = {"math": _math, "sdpa": _sdpa, "triton": _triton}

@@ -176,12 +176,25 @@ class GroupedDifferentialAttention(nn.Module):
         q, k, v = self.qkv(x).split([C, C, C], dim=-1)
         q = self.q_norm(q.view(B, N, Hn, G + 1, d))
         k = self.k_norm(k.view(B, N, Hn, G + 1, d))
-        q1 = q[:, :, :, :G].reshape(B, N, Hs, d).transpose(1, 2)
-        k1 = k[:, :, :, :G].reshape(B, N, Hs, d).transpose(1, 2)
-        q2 = q[:, :, :, G].transpose(1, 2)
-        k2 = k[:, :, :, G].transpose(1, 2)
+        # split (not slicing) so the backward assembles the qkv gradient with one cat per tensor
+        # instead of a zero-filled full-size buffer per slice; for DIFF (G == 1) all are views.
+        q1, q2 = q.split([G, 1], dim=3)
+        k1, k2 = k.split([G, 1], dim=3)
+        q1 = q1.reshape(B, N, Hs, d).transpose(1, 2)
+        k1 = k1.reshape(B, N, Hs, d).transpose(1, 2)
+        q2 = q2.squeeze(3).transpose(1, 2)
+        k2 = k2.squeeze(3).transpose(1, 2)
         v = v.view(B, N, Hs, self.value_head_dim).transpose(1, 2)
         return q1, k1, q2, k2, v
+
+    def head_norm(self, out: Tensor) -> Tensor:
+        """Per-head RMSNorm (learnable scale), then × (1 − λinit): one fused ``rms_norm`` call.
+
+        The scale is folded into the weight and cast to the activations' dtype: with a float32
+        weight on bf16 activations (autocast) PyTorch leaves its fused kernel for a slow path.
+        """
+        weight = (self.sub_norm.weight * (1.0 - self.lambda_init)).to(out.dtype)
+        return F.rms_norm(out, (self.value_head_dim,), weight, self.sub_norm.eps)
 
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
         B, N, C = x.shape
@@ -189,7 +202,7 @@ class GroupedDifferentialAttention(nn.Module):
         out = differential_attention(
             q1, k1, q2, k2, v, self.lam(), attn_mask=attn_mask, is_causal=is_causal,
             dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
-        out = self.sub_norm(out) * (1.0 - self.lambda_init)
+        out = self.head_norm(out)
         out = self.norm(out.transpose(1, 2).reshape(B, N, C))
         return self.proj_drop(self.proj(out))
 
