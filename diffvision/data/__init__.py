@@ -1,0 +1,25 @@
+"""diffvision.data: dataset readers (decoded once, cached), augmentation presets, data-fraction
+subsets and the LightningDataModule that ties them together."""
+from .datamodule import SUBSET_FILENAME, ArrayImageDataset, EpochSampler, ImageDataModule
+from .datasets import DATASETS, DatasetInfo, ImageArrays, dataset_info, load_split
+from .fractions import check_fraction, check_seed, per_class_counts, stratified_subset
+from .transforms import PRESETS, ImageTransform, build_transforms
+
+__all__ = [
+    "DATASETS",
+    "PRESETS",
+    "SUBSET_FILENAME",
+    "ArrayImageDataset",
+    "DatasetInfo",
+    "EpochSampler",
+    "ImageArrays",
+    "ImageDataModule",
+    "ImageTransform",
+    "build_transforms",
+    "check_fraction",
+    "check_seed",
+    "dataset_info",
+    "load_split",
+    "per_class_counts",
+    "stratified_subset",
+]

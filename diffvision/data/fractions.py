@@ -1,0 +1,90 @@
+"""Stratified, deterministic, nested training subsets ("train on 10% of the data").
+
+For a seed, every class ``c`` gets one fixed random order of its samples, drawn from
+``numpy.random.default_rng([seed, c])`` (its own stream: no global RNG, no dependence on other
+classes, the same in every process and on every platform). A fraction ``f`` keeps the first
+
+    k_c = floor(f * n_c + 1/2)        (n_c samples of class c; round half up)
+
+samples of that order. So the subset is stratified (each class keeps its share), exact (the sizes
+above, nothing random about them) and nested: for one seed, ``f1 <= f2`` gives a subset of ``f2``'s.
+For CIFAR-10 (5000 per class) 1% keeps 50 per class = 500, 10% keeps 5000, 25% keeps 12500.
+A fraction that would leave some class with no sample is rejected.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Sequence
+
+import numpy as np
+
+__all__ = ["check_fraction", "check_seed", "per_class_counts", "stratified_subset"]
+
+
+def check_fraction(fraction) -> float:
+    """``fraction`` as a float in (0, 1]; anything else raises a ValueError saying so."""
+    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real):
+        raise ValueError(f"data_fraction must be a number in (0, 1], got {fraction!r} "
+                         f"({type(fraction).__name__})")
+    value = float(fraction)
+    if not math.isfinite(value) or not 0.0 < value <= 1.0:
+        raise ValueError(f"data_fraction must be in (0, 1] (e.g. 0.1 for 10% of the training set), "
+                         f"got {fraction!r}")
+    return value
+
+
+def check_seed(seed) -> int:
+    """``seed`` as a non-negative int; bools, floats and strings are rejected (no silent rounding)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"fraction_seed must be a non-negative integer, got {seed!r} "
+                         f"({type(seed).__name__})")
+    if seed < 0:
+        raise ValueError(f"fraction_seed must be a non-negative integer, got {seed}")
+    return int(seed)
+
+
+def per_class_counts(class_sizes: Sequence[int], fraction: float) -> list[int]:
+    """``k_c = floor(fraction * n_c + 1/2)`` for each class size ``n_c`` (round half up)."""
+    fraction = check_fraction(fraction)
+    return [min(int(n), int(math.floor(fraction * int(n) + 0.5))) for n in class_sizes]
+
+
+def stratified_subset(
+    labels,
+    fraction: float,
+    seed: int,
+    class_names: Optional[Sequence[str]] = None,
+) -> np.ndarray:
+    """Indices (sorted, int64) of the stratified ``fraction`` subset of a dataset with ``labels``.
+
+    Args:
+        labels: one non-negative integer class label per sample.
+        fraction: in (0, 1]; 1 keeps everything.
+        seed: non-negative int; picks the per-class orders (and so which samples are kept).
+        class_names: only used to name a class in error messages.
+    """
+    fraction = check_fraction(fraction)
+    seed = check_seed(seed)
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.size == 0:
+        raise ValueError(f"labels must be a non-empty 1-D array, got shape {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
+        raise ValueError(f"labels must be non-negative integers, got dtype {labels.dtype}")
+    classes, sizes = np.unique(labels, return_counts=True)
+    counts = per_class_counts(sizes.tolist(), fraction)
+    empty = [int(c) for c, k in zip(classes, counts) if k == 0]
+    if empty:
+        smallest = int(sizes.min())
+        names = [class_names[c] if class_names is not None and c < len(class_names) else str(c)
+                 for c in empty]
+        raise ValueError(
+            f"data_fraction={fraction} leaves class(es) {names} with no training sample "
+            f"(k_c = floor(fraction * n_c + 1/2), smallest class has n_c={smallest}); "
+            f"use data_fraction >= {0.5 / smallest:.6g}")
+    keep = []
+    for c, k in zip(classes, counts):
+        members = np.flatnonzero(labels == c)  # ascending dataset order
+        order = np.random.default_rng([seed, int(c)]).permutation(members.size)
+        keep.append(members[order[:k]])
+    return np.sort(np.concatenate(keep)).astype(np.int64)

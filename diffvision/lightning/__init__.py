@@ -1,0 +1,21 @@
+"""diffvision.lightning: LightningModules (classifier, diffusion), callbacks and optimisation helpers."""
+from .callbacks import ExportOnFitEnd, LastCheckpoint, PredictionWriter, StopAfterEpochs, export_module
+from .classifier import ImageClassifier, create_classifier
+from .diffusion import DiffusionModule, GaussianDiffusionTerms
+from .loggers import ResumableCSVLogger
+from .optim import lr_factor, param_groups
+
+__all__ = [
+    "DiffusionModule",
+    "ExportOnFitEnd",
+    "GaussianDiffusionTerms",
+    "ImageClassifier",
+    "LastCheckpoint",
+    "PredictionWriter",
+    "ResumableCSVLogger",
+    "StopAfterEpochs",
+    "create_classifier",
+    "export_module",
+    "lr_factor",
+    "param_groups",
+]

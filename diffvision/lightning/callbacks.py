@@ -1,0 +1,154 @@
+"""Callbacks: export the trained model at the end of ``fit``; write ``predict`` outputs to CSV."""
+from __future__ import annotations
+
+import copy
+import csv
+import logging
+from pathlib import Path
+from typing import Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
+
+__all__ = ["ExportOnFitEnd", "LastCheckpoint", "PredictionWriter", "StopAfterEpochs", "export_module"]
+
+log = logging.getLogger(__name__)
+
+
+def export_module(module: pl.LightningModule, save_directory, datamodule=None) -> Path:
+    """Export a trained module: an ``ImageClassifier`` as a timm ``save_for_hf`` folder, a
+    ``DiffusionModule`` as a ``DiffDiTPipeline`` (EMA weights). The data module, when given,
+    supplies class names and the normalisation the module does not already know."""
+    from .classifier import ImageClassifier
+    from .diffusion import DiffusionModule
+
+    if isinstance(module, ImageClassifier):
+        kwargs = {}
+        if datamodule is not None:
+            kwargs = {"mean": module.mean or getattr(datamodule, "mean", None),
+                      "std": module.std or getattr(datamodule, "std", None),
+                      "class_names": module.class_names or getattr(datamodule, "class_names", None)}
+        return module.export(save_directory, **kwargs)
+    if isinstance(module, DiffusionModule):
+        if module.class_names is None and datamodule is not None:
+            module.class_names = getattr(datamodule, "class_names", None)
+        return module.export_pipeline(save_directory)
+    raise TypeError(f"cannot export {type(module).__name__}: expected ImageClassifier or DiffusionModule")
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """Writes ``last.ckpt`` at the end of every training epoch (after its validation, if any).
+
+    Lightning >= 2.6 refreshes ``ModelCheckpoint(save_last=True)``'s ``last.ckpt`` only when a top-k
+    checkpoint is written (so with a monitored metric that stopped improving it is the best epoch,
+    not the last), and with ``check_val_every_n_epoch > 1`` not at all between validations: this
+    callback keeps the latest state for ``--ckpt_path last``. It runs after the other checkpoint
+    callbacks, so their (best-model) state is current in ``last.ckpt``.
+    """
+
+    def __init__(self, dirpath: Optional[str] = None, **kwargs) -> None:
+        super().__init__(dirpath=dirpath, filename=self.CHECKPOINT_NAME_LAST, monitor=None, save_top_k=1,
+                         save_last=False, enable_version_counter=False, save_on_train_epoch_end=True, **kwargs)
+
+
+class StopAfterEpochs(Callback):
+    """Stop ``fit`` after this process has trained ``epochs`` epochs, with the LR schedule still
+    planned for ``trainer.max_epochs``: chunked training on time-limited job slots, resumed with
+    ``--ckpt_path last`` (``--trainer.callbacks+=diffvision.lightning.StopAfterEpochs
+    --trainer.callbacks.epochs 5``)."""
+
+    def __init__(self, epochs: int) -> None:
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+        self.epochs = epochs
+        self._trained = 0
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._trained += 1
+        if self._trained >= self.epochs:
+            trainer.should_stop = True
+
+    def state_dict(self) -> dict:
+        return {}  # counts this process's epochs only: a resumed run trains `epochs` more
+
+
+class ExportOnFitEnd(Callback):
+    """At the end of ``fit``, export the model into ``dirpath`` (default ``<log_dir>/export``).
+
+    Args:
+        dirpath: export folder; default ``export/`` in the run's log dir.
+        weights: ``"last"`` (the weights training ended with) or ``"best"`` (the best checkpoint of
+            the run's ``ModelCheckpoint``, when it monitors a metric).
+    """
+
+    def __init__(self, dirpath: Optional[str] = None, weights: str = "last") -> None:
+        if weights not in ("last", "best"):
+            raise ValueError(f"weights must be 'last' or 'best', got {weights!r}")
+        self.dirpath, self.weights = dirpath, weights
+        self.export_path: Optional[Path] = None
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.fast_dev_run:
+            return
+        log_dir = trainer.log_dir  # collective under DDP: every rank asks
+        if not trainer.is_global_zero:
+            return
+        target = Path(self.dirpath) if self.dirpath else Path(log_dir or trainer.default_root_dir) / "export"
+        module = pl_module
+        if self.weights == "best":
+            best = getattr(trainer.checkpoint_callback, "best_model_path", "")
+            if not best:
+                log.warning("ExportOnFitEnd(weights='best'): no best checkpoint; exporting the last weights")
+            else:
+                module = copy.deepcopy(pl_module)
+                state = torch.load(best, map_location=pl_module.device, weights_only=False)["state_dict"]
+                module.load_state_dict(state)
+        self.export_path = export_module(module, target, trainer.datamodule)
+        log.info("exported %s to %s", type(pl_module).__name__, self.export_path)
+        print(f"exported {type(pl_module).__name__} ({self.weights} weights) to {self.export_path}")
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes ``diffvision predict`` outputs into the run's log dir (or ``output_dir``).
+
+    Classifier outputs go to ``predictions.csv`` (index, label, prediction, its name and
+    probability); generated images (``DiffusionModule``) to ``predictions/<index>.png`` with an
+    index ``predictions.csv`` (index, label, file). Under DDP each rank writes
+    ``predictions-rank<r>.csv``.
+    """
+
+    def __init__(self, output_dir: Optional[str] = None) -> None:
+        super().__init__(write_interval="epoch")
+        self.output_dir = output_dir
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+        from torchvision.utils import save_image
+
+        out_dir = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        name = "predictions.csv" if trainer.world_size == 1 else f"predictions-rank{trainer.global_rank}.csv"
+        batches = predictions[0] if predictions and isinstance(predictions[0], list) else predictions
+        index_lists = batch_indices[0] if batch_indices and isinstance(batch_indices[0], list) else batch_indices
+        names = getattr(pl_module, "class_names", None)
+        with open(out_dir / name, "w", newline="") as f:
+            writer = csv.writer(f)
+            images = bool(batches) and "images" in batches[0]
+            writer.writerow(["index", "label", "file"] if images else
+                            ["index", "label", "prediction", "prediction_name", "probability"])
+            counter = 0
+            for batch, indices in zip(batches, index_lists or [None] * len(batches)):
+                n = len(batch["labels"] if "labels" in batch else batch["preds"])
+                indices = list(indices) if indices is not None else list(range(counter, counter + n))
+                counter += n
+                labels = batch["labels"].tolist() if "labels" in batch else [""] * n
+                if images:
+                    (out_dir / "predictions").mkdir(exist_ok=True)
+                    for i, y, image in zip(indices, labels, batch["images"]):
+                        file = Path("predictions") / f"{i:06d}.png"
+                        save_image(image.float(), out_dir / file)
+                        writer.writerow([i, y, str(file)])
+                    continue
+                preds, probs = batch["preds"].tolist(), batch["probs"].max(dim=-1).values.tolist()
+                for i, y, p, q in zip(indices, labels, preds, probs):
+                    writer.writerow([i, y, p, names[p] if names else "", f"{q:.6f}"])

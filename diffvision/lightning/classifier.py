@@ -1,0 +1,193 @@
+"""``ImageClassifier``: any ``timm.create_model`` name, trained with Lightning."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import lightning.pytorch as pl
+import timm
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
+from torchmetrics.classification import MulticlassAccuracy
+
+from .optim import build_lr_scheduler, default_adamw, param_groups, run_seed, step_rng, step_seed
+
+__all__ = ["ImageClassifier", "create_classifier"]
+
+
+def _register_diffvision_models() -> None:
+    """Our timm models register on import of ``diffvision.models``."""
+    if importlib.util.find_spec("diffvision.models") is not None:
+        importlib.import_module("diffvision.models")
+
+
+def create_classifier(model_name: str, num_classes: int, in_chans: int, img_size: Optional[int] = None,
+                      pretrained: bool = False, **model_kwargs) -> torch.nn.Module:
+    """``timm.create_model`` with the data's classes, channels and (for models that take it) size.
+
+    Convolutional timm models have no ``img_size`` argument (any size works): for them it is left out.
+    """
+    _register_diffvision_models()
+    kwargs = dict(model_kwargs, num_classes=num_classes, in_chans=in_chans)
+    if img_size is not None and "img_size" not in kwargs:
+        try:
+            return timm.create_model(model_name, pretrained=pretrained, img_size=img_size, **kwargs)
+        except TypeError as err:
+            if "img_size" not in str(err):
+                raise
+    return timm.create_model(model_name, pretrained=pretrained, **kwargs)
+
+
+class ImageClassifier(pl.LightningModule):
+    """Image classifier around a timm model, with label-smoothed cross-entropy and top-1/top-5 accuracy.
+
+    Args:
+        model_name: any ``timm.create_model`` name: ``diff_vit_tiny_patch4_32``,
+            ``gda_vit_tiny_patch4_32``, ``vit_tiny_patch4_32``, ``resnet18``, ...
+        model_kwargs: more ``create_model`` keywords (``depth``, ``drop_path_rate``, ``patch_size``, ...).
+        num_classes, img_size, in_chans: linked from the data module by the CLI.
+        pretrained: load timm's pretrained weights (needs them cached or online).
+        label_smoothing: cross-entropy label smoothing of the training loss.
+        optimizer: optimizer factory, ``class_path: torch.optim.AdamW`` + ``init_args`` in YAML;
+            default AdamW(lr=1e-3, weight_decay=0.05). Weight decay skips biases, norms, λ vectors and
+            the model's ``no_weight_decay()`` names.
+        lr_schedule: ``cosine`` (default), ``linear`` or ``constant`` after warmup, stepped per
+            optimizer step down to ``min_lr_ratio`` × the base LR at the end of training.
+        warmup_epochs, warmup_steps: linear warmup length (they add up).
+        compile: ``torch.compile`` the timm model in place (state-dict keys unchanged);
+            ``compile_kwargs`` go to ``torch.compile``.
+        class_names, mean, std: the data's class names and normalisation (linked from the data module
+            by the CLI), written into exports as timm ``label_names`` and pretrained_cfg mean / std.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "diff_vit_tiny_patch4_32",
+        model_kwargs: Optional[dict[str, Any]] = None,
+        num_classes: int = 10,
+        img_size: Optional[int] = None,
+        in_chans: int = 3,
+        pretrained: bool = False,
+        label_smoothing: float = 0.1,
+        optimizer: OptimizerCallable = default_adamw,
+        lr_schedule: str = "cosine",
+        warmup_epochs: float = 0.0,
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.0,
+        compile: bool = False,
+        compile_kwargs: Optional[dict[str, Any]] = None,
+        class_names: Optional[Sequence[str]] = None,
+        mean: Optional[Sequence[float]] = None,
+        std: Optional[Sequence[float]] = None,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+        self.save_hyperparameters()
+        self.model_kwargs = dict(model_kwargs or {})
+        self.model = create_classifier(model_name, num_classes, in_chans, img_size, pretrained, **self.model_kwargs)
+        if compile:
+            self.model.compile(**(compile_kwargs or {}))
+        self.optimizer_factory = optimizer
+        self.class_names = list(class_names) if class_names is not None else None
+        self.mean = tuple(mean) if mean is not None else None
+        self.std = tuple(std) if std is not None else None
+        self.train_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.test_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.top5 = num_classes >= 5
+        if self.top5:
+            self.val_acc5 = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+            self.test_acc5 = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+
+    def setup(self, stage: str) -> None:
+        # the training normalisation travels with the model (hparams -> checkpoint -> export)
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        for name in ("mean", "std"):
+            value = getattr(datamodule, name, None)
+            if getattr(self, name) is None and value is not None:
+                setattr(self, name, tuple(float(v) for v in value))
+                self.hparams[name] = list(getattr(self, name))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    # ---- steps ---------------------------------------------------------------------------------
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        # dropout / drop-path draw from (seed, epoch, batch, rank) only: a resumed run repeats them
+        with step_rng(step_seed(run_seed(), self.current_epoch, batch_idx, self.global_rank), self.device):
+            logits = self(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+        self.train_acc1(logits, y)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
+        self.log("train/acc1", self.train_acc1, on_step=False, on_epoch=True, batch_size=len(y))
+        return loss
+
+    def _eval_step(self, batch, stage: str) -> None:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)  # the plain cross-entropy (no smoothing) on held-out data
+        acc1 = getattr(self, f"{stage}_acc1")
+        acc1(logits, y)
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True, batch_size=len(y))
+        self.log(f"{stage}/acc1", acc1, prog_bar=stage == "val", batch_size=len(y))
+        if self.top5:
+            acc5 = getattr(self, f"{stage}_acc5")
+            acc5(logits, y)
+            self.log(f"{stage}/acc5", acc5, batch_size=len(y))
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        probs = self(x).softmax(dim=-1)
+        out = {"probs": probs, "preds": probs.argmax(dim=-1)}
+        if isinstance(batch, (list, tuple)) and len(batch) > 1:
+            out["labels"] = batch[1]
+        return out
+
+    # ---- optimisation ------------------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        no_wd = self.model.no_weight_decay() if hasattr(self.model, "no_weight_decay") else ()
+        optimizer = self.optimizer_factory(param_groups(self.model, no_wd))
+        hp = self.hparams
+        scheduler = build_lr_scheduler(optimizer, self.trainer, hp.warmup_epochs, hp.warmup_steps,
+                                       hp.lr_schedule, hp.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    # ---- export ------------------------------------------------------------------------------------------
+
+    def export(self, save_directory: Union[str, Path], mean: Optional[Sequence[float]] = None,
+               std: Optional[Sequence[float]] = None, class_names: Optional[Sequence[str]] = None,
+               safe_serialization: bool = True) -> Path:
+        """Save the timm model with ``timm.models.save_for_hf``: reload it with
+        ``timm.create_model("local-dir:<save_directory>", pretrained=True)``. ``mean``/``std`` (the
+        training normalisation, default: the linked data's) go into its pretrained_cfg, so
+        ``timm.data.resolve_data_config`` gives the right preprocessing; ``class_names`` become its
+        ``label_names``."""
+        from timm.models import save_for_hf
+
+        save_directory = Path(save_directory)
+        names = list(class_names) if class_names is not None else self.class_names
+        model_config = {"label_names": names} if names else {}
+        data_config = {"crop_pct": 1.0}
+        mean = mean if mean is not None else self.mean
+        std = std if std is not None else self.std
+        if mean is not None:
+            data_config["mean"] = tuple(float(m) for m in mean)
+        if std is not None:
+            data_config["std"] = tuple(float(s) for s in std)
+        save_for_hf(self.model, save_directory, model_config=model_config, data_config=data_config,
+                    safe_serialization=safe_serialization)
+        return save_directory
