@@ -13,6 +13,9 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 REAL_CIFAR10 = REPO.parent / "shared" / "data" / "cifar10"
+# CLI flags every training test passes: quiet output and float32 on the CPU
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+         "--trainer.precision", "32-true"]
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 

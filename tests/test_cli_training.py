@@ -19,21 +19,14 @@ import torch.nn.functional as F
 import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
-from _training_data import CONFIGS, REPO, make_cifar_npz, make_fashion_idx
+from _training_data import CONFIGS, QUIET, REPO, make_cifar_npz, make_fashion_idx
 from diffvision.cli import DiffvisionCLI
 from diffvision.data import stratified_subset
 from diffvision.lightning import ImageClassifier, lr_factor
 
 TINY_VIT = ["--model.init_args.model_kwargs", "{depth: 1, embed_dim: 48}"]
-QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-         "--trainer.precision", "32-true"]
 CLASSIFIER_CONFIGS = ["cifar10_diff_vit", "cifar10_gda_vit", "cifar10_vit",
                       "fashion_mnist_diff_vit", "fashion_mnist_gda_vit", "fashion_mnist_vit"]
-
-
-@pytest.fixture(autouse=True)
-def _argv(monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["diffvision"])  # the CLI parses only the args given to it
 
 
 @pytest.fixture(scope="module")

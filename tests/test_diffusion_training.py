@@ -14,7 +14,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from _training_data import CONFIGS, make_cifar_npz, make_fashion_idx
+from _training_data import CONFIGS, QUIET, make_cifar_npz, make_fashion_idx
 from diffvision.cli import DiffvisionCLI
 from diffvision.data import ImageDataModule
 from diffvision.lightning import DiffusionModule, GaussianDiffusionTerms
@@ -23,14 +23,7 @@ TINY_DIT = ["--model.init_args.transformer_kwargs",
             "{num_layers: 1, num_attention_heads: 6, attention_head_dim: 8, patch_size: 4}",
             "--model.init_args.sample_steps", "2", "--model.init_args.num_sample_images", "4",
             "--model.init_args.fid_num_samples", "0"]
-QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-         "--trainer.precision", "32-true"]
 DIFFUSION_CONFIGS = ["cifar10_diff_dit", "cifar10_dit", "cifar10_gda_dit", "fashion_mnist_diff_dit"]
-
-
-@pytest.fixture(autouse=True)
-def _argv(monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["diffvision"])  # the CLI parses only the args given to it
 
 
 @pytest.fixture(scope="module")
