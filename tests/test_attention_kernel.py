@@ -116,6 +116,11 @@ def test_fully_masked_row_gives_zeros_not_nan(backend):
     keep = [0, 1, 3]
     ref = reference(q1, k1, q2, k2, v, lam, mask=mask)
     assert rel_err(out[:, :, keep], ref[:, :, keep]) < 1e-12
+    # gradients stay finite, and the masked-out query row gets none
+    leaves = [t.clone().requires_grad_(True) for t in (q1, k1, q2, k2, v, lam)]
+    differential_attention(*leaves, attn_mask=mask, backend=backend).sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in leaves)
+    assert leaves[0].grad[:, :, 2].abs().max().item() == 0.0
 
 
 def test_backends_agree_with_each_other():

@@ -138,9 +138,10 @@ def _additive_mask(attn_mask: Optional[Tensor], is_causal: bool, N: int, M: int,
 
 
 def _safe_softmax(scores: Tensor) -> Tensor:
-    """softmax over the last dim; a row masked out entirely gives zeros (as SDPA does), not NaN."""
-    probs = torch.softmax(scores, dim=-1)
+    """softmax over the last dim; a row masked out entirely gives zeros (as SDPA does), not NaN,
+    and zero gradients: the row is made finite before the softmax so its backward is finite too."""
     fully_masked = torch.isneginf(scores).all(dim=-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(fully_masked, 0.0), dim=-1)
     return probs.masked_fill(fully_masked, 0.0)
 
 
