@@ -164,5 +164,9 @@ def test_module_errors():
         GroupedDifferentialAttention(60, signal_heads=4, noise_heads=3)
     with pytest.raises(ValueError, match="signal_heads \\+ noise_heads"):
         GroupedDifferentialAttention(64, signal_heads=4, noise_heads=2)
+    with pytest.raises(ValueError, match="'standard' takes no lambda_init/backend"):
+        create_attention("standard", 32, num_heads=2, backend="math")
+    assert isinstance(create_attention("standard", 32, num_heads=2, lambda_init=None, backend="auto"),
+                      MultiHeadAttention)
     with pytest.raises(ValueError, match="unknown attention kind 'flash'"):
         create_attention("flash", 32, num_heads=2)

@@ -241,6 +241,11 @@ def create_attention(kind: str, dim: int, **kwargs) -> nn.Module:
     if kind not in ATTENTION_LAYERS:
         raise ValueError(f"unknown attention kind {kind!r}; accepted: {sorted(ATTENTION_LAYERS)}")
     if kind == "standard":
-        kwargs.pop("lambda_init", None)
-        kwargs.pop("backend", None)
+        # Models pass the differential-only settings unconditionally; drop them only while they
+        # are at their defaults, so a real setting is never silently ignored.
+        lambda_init, backend = kwargs.pop("lambda_init", None), kwargs.pop("backend", "auto")
+        if lambda_init is not None or backend != "auto":
+            raise ValueError(
+                f"attention kind 'standard' takes no lambda_init/backend (got lambda_init={lambda_init!r}, "
+                f"backend={backend!r}); they apply to 'diff' and 'gda'")
     return ATTENTION_LAYERS[kind](dim, **kwargs)
