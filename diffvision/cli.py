@@ -18,16 +18,26 @@ What it adds to a plain ``LightningCLI``:
 * ``--ckpt_path last`` resumes the most recent ``last.ckpt`` of the experiment, in the same
   ``version_N`` directory (with a warning and a fresh start when there is none; an error for
   validate / test / predict);
-* a Rich progress bar and a learning-rate monitor unless configured otherwise.
+* a Rich progress bar and a learning-rate monitor unless configured otherwise;
+* fail fast: before any data is decoded, the run and checkpoint directories must be creatable and
+  writable (a probe file is written and fsynced, which also catches a full disk), and before
+  ``fit`` starts there must be room for two checkpoints of the model (``last.ckpt`` is written
+  beside the old one, then replaces it); a resumed run drops the ``metrics.csv`` rows (and
+  TensorBoard events) logged after its checkpoint, as it logs those steps again.
 """
 from __future__ import annotations
 
+import errno
+import os
 import re
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -36,8 +46,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from .data import ImageDataModule
 from .lightning.callbacks import LastCheckpoint
 from .lightning.loggers import ResumableCSVLogger
+from .models import load_checkpoint_file
 
-__all__ = ["DiffvisionCLI", "main", "find_last_checkpoint"]
+__all__ = ["DiffvisionCLI", "main", "find_last_checkpoint", "check_writable_dir", "checkpoint_size_estimate"]
 
 DEFAULT_ROOT_DIR = "runs"
 LINKED = ("num_classes", "img_size", "in_chans", "class_names")
@@ -56,6 +67,40 @@ def find_last_checkpoint(experiment_dir: Path) -> Optional[tuple[Path, int]]:
     return path, version
 
 
+def check_writable_dir(path, what: str = "directory") -> Path:
+    """Create ``path`` if needed and write + fsync a probe file in it: an ``OSError`` (its errno kept:
+    ``PermissionError``, ``NotADirectoryError``, ENOSPC, ...) naming ``path`` and ``what`` it is for
+    comes now, not after hours of training."""
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"{what} {path} cannot be created: {existing} is a file, "
+                                                f"not a directory", str(path))
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".diffvision-write-check-", dir=path)
+        try:
+            os.write(fd, b"\0" * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as err:
+        raise OSError(err.errno, f"{what} {path} is not writable ({err.strerror or err}); logs and "
+                                 f"checkpoints could not be saved: choose another directory", str(path)) from err
+    return path
+
+
+def checkpoint_size_estimate(module: torch.nn.Module) -> int:
+    """Bytes of a checkpoint of ``module``: its state dict plus two fp32 optimizer moments (Adam)
+    per trainable parameter. Pickle overhead and small states are left out."""
+    state = sum(t.numel() * t.element_size() for t in module.state_dict().values() if isinstance(t, torch.Tensor))
+    moments = sum(2 * p.numel() * 4 for p in module.parameters() if p.requires_grad)
+    return state + moments
+
+
 class DiffvisionCLI(LightningCLI):
     """LightningCLI with diffvision's data module, links, run layout and resume."""
 
@@ -64,8 +109,10 @@ class DiffvisionCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})  # a resumed run rewrites its config.yaml
         kwargs.setdefault("trainer_defaults", {"default_root_dir": DEFAULT_ROOT_DIR})
         kwargs.setdefault("auto_configure_optimizers", False)  # the modules configure their own
+        # allow_abbrev=False: a prefix (--trainer.max_epoch) is an unknown key, not silently another one
         kwargs.setdefault("parser_kwargs", {"description": "diffvision: train and evaluate DIFF-ViT classifiers "
-                                                           "and DIFF-DiT generators (LightningCLI)."})
+                                                           "and DIFF-DiT generators (LightningCLI).",
+                                            "allow_abbrev": False})
         super().__init__(model_class=None, datamodule_class=ImageDataModule, args=args, run=run, **kwargs)
 
     # ---- parser ------------------------------------------------------------------------------------
@@ -91,6 +138,12 @@ class DiffvisionCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         if subcommand and self.config[subcommand].get("ckpt_path") == "last":
             self._resolve_last_checkpoint(subcommand)
+        if subcommand:
+            cfg = self.config[subcommand]
+            if "weights_only" in cfg and cfg.get("weights_only") is None:
+                cfg["weights_only"] = True  # Lightning fully unpickles http(s) checkpoints otherwise
+            if cfg.get("ckpt_path") and Path(cfg["ckpt_path"]).is_file():
+                load_checkpoint_file(cfg["ckpt_path"], mmap=True)  # names a truncated / corrupt / unsafe file
 
     # ---- run layout ----------------------------------------------------------------------------------
 
@@ -129,22 +182,73 @@ class DiffvisionCLI(LightningCLI):
             self._resume_version = version  # continue logging in the same version_N directory
         print(f"resuming from {path}" if subcommand == "fit" else f"{subcommand}: weights from {path}")
 
+    def _output_dirs(self) -> list[tuple[Path, str]]:
+        """The local directories this subcommand writes to, and what for."""
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        trainer_cfg = cfg.get("trainer") or {}
+        checkpointing = self.subcommand in (None, "fit") and trainer_cfg.get("enable_checkpointing") is not False
+        dirs = []
+        if trainer_cfg.get("logger") is not False or checkpointing:
+            dirs.append((self._root_dir(cfg), "log directory (trainer.default_root_dir)"))
+        dirpath = (cfg.get("checkpoint") or {}).get("dirpath")
+        if checkpointing and dirpath:
+            dirs.append((Path(dirpath), "checkpoint directory (checkpoint.dirpath)"))
+        return [(path, what) for path, what in dirs if _is_local_file_protocol(str(path))]
+
+    def _check_disk_space(self) -> None:
+        trainer_cfg = self._get(self.config_init, "trainer", default={}) or {}
+        if trainer_cfg.get("enable_checkpointing") is False or self.model is None:
+            return
+        outputs = self._output_dirs()
+        if not outputs:
+            return
+        where, what = outputs[-1]  # the checkpoint directory when set, else the run's root
+        estimate = checkpoint_size_estimate(self.model)
+        free = shutil.disk_usage(where).free
+        if free < 2 * estimate:
+            raise OSError(errno.ENOSPC, f"not enough disk space for checkpoints in {what} {where}: "
+                                        f"{free / 2**20:.1f} MiB free, a checkpoint of this model takes about "
+                                        f"{estimate / 2**20:.1f} MiB and saving one needs twice that (the new file "
+                                        f"is written beside the old one, then replaces it); free some space or "
+                                        f"choose another directory", str(where))
+
     def before_fit(self) -> None:
+        self._check_disk_space()
         # refuse a resume on another data subset before the run's directory is written to
         ckpt_path = self._get(self.config_init, "ckpt_path")
         if ckpt_path and Path(ckpt_path).is_file() and self.datamodule is not None:
-            checkpoint = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)
+            checkpoint = load_checkpoint_file(ckpt_path, mmap=True)
             self.datamodule.load_state_dict(checkpoint.get(type(self.datamodule).__qualname__, {}))
+
+    def _resume_step(self, cfg) -> Optional[int]:
+        """The step count (``_batches_that_stepped``, what logged rows carry) of the checkpoint this
+        run resumes in its own log directory; None for a fresh run or an unreadable checkpoint."""
+        ckpt_path = cfg.get("ckpt_path")
+        if self._resume_version is None or not ckpt_path or not Path(ckpt_path).is_file():
+            return None
+        try:
+            checkpoint = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as err:  # noqa: BLE001 - the checkpoint's own loading reports real problems
+            rank_zero_warn(f"could not read the step of {ckpt_path} ({err}); metrics.csv keeps every row")
+            return None
+        loop = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+        step = (loop.get("epoch_loop.state_dict") or {}).get("_batches_that_stepped", checkpoint.get("global_step"))
+        return int(step) if step is not None else None
 
     def _default_loggers(self, trainer_cfg: dict) -> list:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         root, name = self._root_dir(cfg), self._experiment_name(cfg)
+        resume_step = self._resume_step(cfg) if self.subcommand == "fit" else None
+        purge = {"purge_step": resume_step} if resume_step is not None else {}
         tensorboard = TensorBoardLogger(save_dir=str(root), name=name, version=self._resume_version,
-                                        default_hp_metric=False)
-        csv = ResumableCSVLogger(save_dir=str(root), name=name, version=tensorboard.version)
+                                        default_hp_metric=False, **purge)
+        csv = ResumableCSVLogger(save_dir=str(root), name=name, version=tensorboard.version,
+                                 resume_step=resume_step)
         return [tensorboard, csv]
 
     def before_instantiate_classes(self) -> None:
+        for path, what in self._output_dirs():
+            check_writable_dir(path, what)
         if torch.cuda.is_available():
             torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere+ (bf16-mixed covers the rest)
 

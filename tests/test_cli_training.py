@@ -163,6 +163,10 @@ def test_fit_run_layout_export_test_and_predict(data, tmp_path):
                    "--trainer.callbacks+=diffvision.lightning.PredictionWriter", subcommand="predict")
     rows = read_csv_rows(Path(pred.trainer.log_dir) / "predictions.csv")
     assert len(rows) == 40 and {r["label"] for r in rows} == {str(c) for c in range(10)}
+    # `index` is the stored row of the test split, whatever order the loader served it in
+    stored = np.load(data.cifar / "test.npz")["labels"]
+    assert sorted(int(r["index"]) for r in rows) == list(range(40))
+    assert all(int(r["label"]) == stored[int(r["index"])] for r in rows)
     accuracy = np.mean([r["label"] == r["prediction"] for r in rows])
     assert accuracy == pytest.approx(float(val[-1]["val/acc1"]), abs=1e-6)
 

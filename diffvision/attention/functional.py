@@ -187,7 +187,13 @@ def _sdpa(q1, k1, q2, k2, v, lam, attn_mask, is_causal, dropout_p, scale) -> Ten
             scale=scale)
         N = q2.shape[2]
         o2 = o2.reshape(B, Hn, N, group, dv).transpose(2, 3).reshape(B, Hs, N, dv)
-    return o1 - _lam_view(lam, o1.dtype) * o2
+    out = o1 - _lam_view(lam, o1.dtype) * o2
+    if attn_mask is not None:
+        # SDPA's CPU path gives zeros for a query row with no visible key, but some CUDA kernels do
+        # not (a finite average of the masked keys was seen on an H100): make it zeros everywhere.
+        no_key = ~attn_mask.any(dim=-1) if attn_mask.dtype == torch.bool else torch.isneginf(attn_mask).all(dim=-1)
+        out = out.masked_fill(no_key.unsqueeze(-1), 0.0)  # no .any() check: it would sync the GPU
+    return out
 
 
 def _triton(q1, k1, q2, k2, v, lam, attn_mask, is_causal, dropout_p, scale) -> Tensor:

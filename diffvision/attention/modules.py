@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .functional import differential_attention
+from .functional import _additive_mask, _safe_softmax, differential_attention
 
 __all__ = [
     "lambda_init_schedule",
@@ -38,6 +38,16 @@ def lambda_init_schedule(depth: int) -> float:
 def _check_divisible(dim: int, by: int, what: str) -> None:
     if by <= 0 or dim % by != 0:
         raise ValueError(f"dim={dim} must be divisible by {what}={by}")
+
+
+def _softmax_map(q: Tensor, k: Tensor, scale: float, attn_mask: Optional[Tensor], is_causal: bool) -> Tensor:
+    """softmax(q kᵀ·scale + mask) as an explicit map, in float32 or wider (for the attention_maps
+    methods; the masking is the kernel's, so a fully masked row is zeros as in SDPA)."""
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    q, k = q.to(dtype), k.to(dtype)
+    scores = (q @ k.transpose(-2, -1)) * scale
+    bias = _additive_mask(attn_mask, is_causal, q.shape[-2], k.shape[-2], dtype, q.device)
+    return _safe_softmax(scores if bias is None else scores + bias)
 
 
 class MultiHeadAttention(nn.Module):
@@ -84,6 +94,18 @@ class MultiHeadAttention(nn.Module):
             dropout_p=self.attn_drop if self.training else 0.0)
         x = self.norm(x.transpose(1, 2).reshape(B, N, C))
         return self.proj_drop(self.proj(x))
+
+    def attention_maps(self, x: Tensor, attn_mask: Optional[Tensor] = None,
+                       is_causal: bool = False) -> dict[str, Tensor]:
+        """The softmax maps ``forward`` applies to ``x``, for inspection (attention dropout left out).
+
+        Returns ``{"attention": (B, heads, N, N)}`` in float32 (or the input's dtype if wider):
+        ``forward(x)`` equals ``proj(norm(merge_heads(attention @ v)))``.
+        """
+        B, N, C = x.shape
+        q, k, _ = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = self.q_norm(q), self.k_norm(k)
+        return {"attention": _softmax_map(q, k, self.head_dim ** -0.5, attn_mask, is_causal)}
 
 
 class GroupedDifferentialAttention(nn.Module):
@@ -205,6 +227,34 @@ class GroupedDifferentialAttention(nn.Module):
         out = self.head_norm(out)
         out = self.norm(out.transpose(1, 2).reshape(B, N, C))
         return self.proj_drop(self.proj(out))
+
+    def attention_maps(self, x: Tensor, attn_mask: Optional[Tensor] = None,
+                       is_causal: bool = False) -> dict[str, Tensor]:
+        """The maps ``forward`` applies to ``x``, for inspection (attention dropout left out).
+
+        Returns float32 tensors (or the input's dtype if wider), maps of shape ``(B, Hs, N, N)``:
+
+        * ``"signal"``: softmax(q1 k1ᵀ·s + mask), one per signal head;
+        * ``"noise"``: softmax(q2 k2ᵀ·s + mask), expanded to the signal heads it serves (for GDA,
+          signal heads ``i`` with the same ``i // (Hs // Hn)`` share a noise map, unless the mask
+          differs per head);
+        * ``"difference"``: signal − λ·noise, the map that multiplies v;
+        * ``"lambda"``: λ per signal head, shape ``(Hs,)``.
+
+        ``forward(x)`` equals ``proj(norm(merge_heads(head_norm(difference @ v))))``.
+        """
+        q1, k1, q2, k2, _ = self.split_qkv(x)
+        scale = self.head_dim ** -0.5
+        signal = _softmax_map(q1, k1, scale, attn_mask, is_causal)
+        if attn_mask is not None and attn_mask.dim() >= 3 and attn_mask.shape[-3] != 1:
+            # a per-signal-head mask makes each head's noise map its own (as in the kernel)
+            q2, k2 = q2.repeat_interleave(self.group, dim=1), k2.repeat_interleave(self.group, dim=1)
+            noise = _softmax_map(q2, k2, scale, attn_mask, is_causal)
+        else:
+            noise = _softmax_map(q2, k2, scale, attn_mask, is_causal).repeat_interleave(self.group, dim=1)
+        lam = self.lam().to(signal.dtype).expand(self.signal_heads).clone()
+        return {"signal": signal, "noise": noise, "difference": signal - lam.view(1, -1, 1, 1) * noise,
+                "lambda": lam}
 
     def extra_repr(self) -> str:
         return (f"signal_heads={self.signal_heads}, noise_heads={self.noise_heads}, "

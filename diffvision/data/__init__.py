@@ -1,15 +1,16 @@
 """diffvision.data: dataset readers (decoded once, cached), augmentation presets, data-fraction
 subsets and the LightningDataModule that ties them together."""
-from .datamodule import SUBSET_FILENAME, ArrayImageDataset, EpochSampler, ImageDataModule
+from .datamodule import SUBSET_FILENAME, ArrayImageDataset, EpochSampler, ImageDataModule, UInt8ImageDataset
 from .datasets import DATASETS, DatasetInfo, ImageArrays, dataset_info, load_split
 from .fractions import check_fraction, check_seed, per_class_counts, stratified_subset
-from .transforms import PRESETS, ImageTransform, build_transforms
+from .transforms import PRESETS, BatchImageTransform, ImageTransform, augmentation_draws, build_transforms
 
 __all__ = [
     "DATASETS",
     "PRESETS",
     "SUBSET_FILENAME",
     "ArrayImageDataset",
+    "BatchImageTransform",
     "DatasetInfo",
     "EpochSampler",
     "ImageArrays",
@@ -22,4 +23,6 @@ __all__ = [
     "load_split",
     "per_class_counts",
     "stratified_subset",
+    "UInt8ImageDataset",
+    "augmentation_draws",
 ]

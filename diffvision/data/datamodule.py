@@ -15,9 +15,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .datasets import DATASETS, ImageArrays, dataset_info, default_root, load_split
 from .fractions import check_fraction, check_seed, stratified_subset
-from .transforms import PRESETS, ImageTransform, build_transforms
+from .transforms import PRESETS, BatchImageTransform, ImageTransform, build_transforms
 
-__all__ = ["ImageDataModule", "ArrayImageDataset", "EpochSampler", "SUBSET_FILENAME"]
+__all__ = ["ImageDataModule", "ArrayImageDataset", "UInt8ImageDataset", "EpochSampler", "SUBSET_FILENAME",
+           "class_interleaved_order"]
 
 SUBSET_FILENAME = "subset_indices.json"
 
@@ -44,6 +45,43 @@ class ArrayImageDataset(Dataset):
         j = int(self.indices[i]) if self.indices is not None else int(i)
         rng = np.random.default_rng([self.seed, int(epoch), j]) if self.transform.random else None
         return self.transform(self.images[j], rng), int(self.labels[j])
+
+
+class UInt8ImageDataset(ArrayImageDataset):
+    """``ArrayImageDataset`` that leaves augmentation to the device: a batch of keys gives one
+    ``(uint8 images (B, H, W, C), labels (B,), keys (B, 2) = (epoch, dataset index))`` tuple, cut from
+    the arrays with one fancy index (``__getitems__``); :class:`BatchImageTransform` finishes it."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, indices: Optional[np.ndarray] = None) -> None:
+        super().__init__(images, labels, transform=None, indices=indices)
+
+    def __getitem__(self, key):
+        return self.__getitems__([key])
+
+    def __getitems__(self, keys: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pairs = np.array([k if isinstance(k, tuple) else (0, k) for k in keys], dtype=np.int64).reshape(-1, 2)
+        rows = self.indices[pairs[:, 1]] if self.indices is not None else pairs[:, 1]
+        return (torch.from_numpy(np.ascontiguousarray(self.images[rows])),
+                torch.from_numpy(np.asarray(self.labels[rows], dtype=np.int64)),
+                torch.from_numpy(np.stack([pairs[:, 0], rows], axis=1)))
+
+
+def class_interleaved_order(labels: np.ndarray) -> np.ndarray:
+    """Indices that visit the classes in turn (1st of each class, then 2nd of each, ...), keeping each
+    class's own order. Held-out splits are served in this order, so any prefix of them (``limit_val_batches``,
+    an FID reference set of the first N images) has every class in proportion, even when the split is
+    stored class by class (as CIFAR-10's npz copy is)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    rank = np.empty(len(labels), dtype=np.int64)
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        rank[members] = np.arange(len(members))
+    return np.lexsort((labels, rank))  # by rank within the class, then by class
+
+
+def _whole_batch(batch):
+    """collate_fn of :class:`UInt8ImageDataset`: ``__getitems__`` already returns the batch."""
+    return batch
 
 
 class EpochSampler(DistributedSampler):
@@ -94,6 +132,11 @@ class ImageDataModule(pl.LightningDataModule):
         download: let torchvision sources download (needs internet).
         shuffle_seed: seed of the training order and augmentations; None uses the run's
             ``seed_everything`` value (``PL_GLOBAL_SEED``), or 0.
+        augment_on_device: the loaders hand over uint8 batches and the augmentation preset runs
+            batch-wise on the training device (``on_after_batch_transfer``): no CPU work per image,
+            for GPUs whose CPU workers cannot keep up with small models. Same presets and
+            per-(seed, epoch, image) randomness, different draws than the CPU path. Loaders used
+            outside a Trainer then yield ``(uint8 images, labels, keys)``.
     """
 
     def __init__(
@@ -110,6 +153,7 @@ class ImageDataModule(pl.LightningDataModule):
         cache_dir: Optional[str] = None,
         download: bool = True,
         shuffle_seed: Optional[int] = None,
+        augment_on_device: bool = False,
     ) -> None:
         super().__init__()
         if dataset not in DATASETS:
@@ -134,6 +178,8 @@ class ImageDataModule(pl.LightningDataModule):
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.download = download
         self.shuffle_seed = shuffle_seed
+        self.augment_on_device = bool(augment_on_device)
+        self._batch_transforms: dict[bool, BatchImageTransform] = {}
         self.info = dataset_info(dataset, self.root, img_size)
         if self.info.native_size is None and img_size is None:
             raise ValueError("dataset='imagefolder' needs img_size (images are resized to img_size x img_size)")
@@ -215,16 +261,35 @@ class ImageDataModule(pl.LightningDataModule):
             self.subset_indices = stratified_subset(train.labels, self.data_fraction, self.fraction_seed,
                                                     train.classes)
             indices = None if len(self.subset_indices) == len(train.labels) else self.subset_indices
-            self.train_dataset = ArrayImageDataset(train.images, train.labels, self.train_transform, indices,
-                                                   seed=self._shuffle_seed)
+            self.train_dataset = self._dataset(train, self.train_transform, indices, seed=self._shuffle_seed)
         if stage in (None, "fit"):
             self._save_subset_to_log_dir(self.train_dataset.labels)  # every fit: each run keeps its copy
         if stage in (None, "fit", "validate") and self.val_dataset is None:
             held = self._load(val_split)
-            self.val_dataset = ArrayImageDataset(held.images, held.labels, self.eval_transform)
+            self.val_dataset = self._dataset(held, self.eval_transform, class_interleaved_order(held.labels))
         if stage in (None, "test", "predict") and self.test_dataset is None:
             held = self._load(test_split)
-            self.test_dataset = ArrayImageDataset(held.images, held.labels, self.eval_transform)
+            self.test_dataset = self._dataset(held, self.eval_transform, class_interleaved_order(held.labels))
+
+    def _dataset(self, arrays: ImageArrays, transform: ImageTransform, indices: Optional[np.ndarray] = None,
+                 seed: int = 0) -> ArrayImageDataset:
+        if self.augment_on_device:
+            return UInt8ImageDataset(arrays.images, arrays.labels, indices)
+        return ArrayImageDataset(arrays.images, arrays.labels, transform, indices, seed=seed)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """With ``augment_on_device``: augment / normalise the uint8 batch where it now lives."""
+        if not self.augment_on_device:
+            return batch
+        images, labels, keys = batch
+        training = self.trainer is not None and self.trainer.training
+        transform = self._batch_transforms.get(training)
+        if transform is None:
+            preset = self.train_transform if training else self.eval_transform
+            transform = BatchImageTransform(preset.preset, preset.train, self.mean, self.std,
+                                            seed=self._shuffle_seed, padding=preset.padding)
+            self._batch_transforms[training] = transform
+        return transform(images, keys), labels
 
     # ---- the subset, saved with the run --------------------------------------------------------
 
@@ -291,7 +356,8 @@ class ImageDataModule(pl.LightningDataModule):
     # ---- loaders -------------------------------------------------------------------------------------
 
     def _loader(self, dataset: Dataset, batch_size: int, sampler=None) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
+        collate = _whole_batch if isinstance(dataset, UInt8ImageDataset) else None
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, collate_fn=collate,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                           pin_memory=torch.cuda.is_available())
 

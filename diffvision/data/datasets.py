@@ -18,6 +18,11 @@ cached as ``.npy`` files in ``cache_dir`` (default ``$DIFFVISION_CACHE/datasets`
 ``~/.cache/diffvision/datasets``), keyed by source kind, resolved path, split, the size and mtime of
 every file read, and the decode size: different sources never collide and a changed file is decoded
 again. Cache files are written atomically, so concurrent processes are safe.
+
+Bad data is an error, never a silent skip: a missing file or directory, an ImageFolder with fewer
+than two classes or a training class folder without images, unreadable (corrupt or truncated) image
+files (all of them are listed, with the reason, so they can be fixed or removed in one go), a corrupt
+``.npz`` and labels outside ``[0, number of classes)`` raise with the path and what was expected.
 """
 from __future__ import annotations
 
@@ -26,9 +31,11 @@ import hashlib
 import io
 import json
 import os
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -87,6 +94,11 @@ class ImageArrays:
             raise ValueError(f"images must be uint8 (N, H, W, C), got {self.images.dtype} {self.images.shape}")
         if self.labels.shape != (self.images.shape[0],):
             raise ValueError(f"labels shape {self.labels.shape} does not match {self.images.shape[0]} images")
+        if self.labels.size and self.classes:
+            bad = np.unique(self.labels[(self.labels < 0) | (self.labels >= len(self.classes))])
+            if bad.size:
+                raise ValueError(f"class labels {bad[:10].tolist()} are out of range for {len(self.classes)} "
+                                 f"classes: labels must be integers in [0, {len(self.classes) - 1}]")
 
 
 @dataclass(frozen=True)
@@ -147,32 +159,80 @@ def _check_dataset(dataset: str) -> None:
 # Readers
 # ---------------------------------------------------------------------------------------------
 
+_NPZ_ARRAYS = ("jpeg", "offsets", "labels", "classes")
+
+
+def _read_npz_arrays(path: Path, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """``names`` from the ``.npz`` at ``path``; a missing, truncated or corrupt file raises naming it."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} not found; a cifar10_npz root is a directory with train.npz and "
+                                f"test.npz (arrays {', '.join(_NPZ_ARRAYS)}), as in shared/data/README.md")
+    try:
+        with np.load(path, allow_pickle=False) as d:
+            missing = set(names) - set(d.files)
+            if missing:
+                raise ValueError(f"{path}: missing arrays {sorted(missing)}; expected {', '.join(_NPZ_ARRAYS)}")
+            return {name: d[name] for name in names}
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        raise ValueError(f"{path} is not a readable .npz (truncated or corrupt? {type(err).__name__}: {err}); "
+                         f"copy it again") from err
+    except ValueError as err:
+        if str(path) in str(err):
+            raise
+        raise ValueError(f"{path} is not a readable .npz (truncated or corrupt? {err}); copy it again") from err
+
+
 def read_cifar10_npz(path: Path) -> ImageArrays:
-    """Decode one ``.npz`` of concatenated JPEGs (``jpeg``, ``offsets``, ``labels``, ``classes``)."""
+    """Decode one ``.npz`` of concatenated JPEGs (``jpeg``, ``offsets``, ``labels``, ``classes``).
+
+    A truncated or corrupt file, offsets that do not cut the ``jpeg`` blob into ``len(labels)``
+    pieces, an image that does not decode and labels outside the classes raise a ``ValueError``
+    naming the file (and the image's index)."""
     from PIL import Image
 
-    with np.load(path, allow_pickle=False) as d:
-        missing = {"jpeg", "offsets", "labels", "classes"} - set(d.files)
-        if missing:
-            raise ValueError(f"{path}: missing arrays {sorted(missing)}; expected jpeg, offsets, labels, classes")
-        jpeg, offsets, labels = d["jpeg"], d["offsets"].astype(np.int64), d["labels"].astype(np.int64)
-        classes = [str(c) for c in d["classes"]]
+    d = _read_npz_arrays(path, _NPZ_ARRAYS)
+    jpeg, offsets, labels = d["jpeg"], d["offsets"].astype(np.int64), d["labels"].astype(np.int64)
+    classes = [str(c) for c in d["classes"]]
     n = labels.shape[0]
     if offsets.shape != (n + 1,):
         raise ValueError(f"{path}: offsets has shape {offsets.shape}, expected ({n + 1},) for {n} labels")
-    first = np.asarray(Image.open(io.BytesIO(jpeg[offsets[0]:offsets[1]].tobytes())).convert("RGB"))
+    if n == 0:
+        raise ValueError(f"{path} holds no images")
+    if offsets[0] < 0 or np.any(np.diff(offsets) <= 0) or offsets[-1] > jpeg.size:
+        raise ValueError(f"{path}: offsets must increase from >= 0 up to the jpeg blob's {jpeg.size} bytes "
+                         f"(got {offsets[0]} .. {offsets[-1]}); the file is corrupt")
+
+    def decode(i: int) -> np.ndarray:
+        try:
+            with Image.open(io.BytesIO(jpeg[offsets[i]:offsets[i + 1]].tobytes())) as img:
+                return np.asarray(img.convert("RGB"))
+        except (OSError, SyntaxError, ValueError) as err:  # PIL: UnidentifiedImageError, truncated data
+            raise ValueError(f"{path}: image {i} (bytes {offsets[i]}..{offsets[i + 1]}) does not decode "
+                             f"({type(err).__name__}: {err}); the file is corrupt") from err
+
+    first = decode(0)
     images = np.empty((n, *first.shape), dtype=np.uint8)
-    for i in range(n):
-        img = Image.open(io.BytesIO(jpeg[offsets[i]:offsets[i + 1]].tobytes())).convert("RGB")
-        images[i] = np.asarray(img)
-    return ImageArrays(images, labels, classes)
+    images[0] = first
+    for i in range(1, n):
+        image = decode(i)
+        if image.shape != first.shape:
+            raise ValueError(f"{path}: image {i} is {image.shape}, the first one {first.shape}; "
+                             f"all images must have one size")
+        images[i] = image
+    try:
+        return ImageArrays(images, labels, classes)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
 
 
 def read_idx(path: Path) -> np.ndarray:
     """Read an idx file (``.gz`` or plain), the MNIST format: magic ``0 0 8 ndim``, big-endian sizes."""
     opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+        raise ValueError(f"{path} is truncated or corrupt ({type(err).__name__}: {err})") from err
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise ValueError(f"{path} is not a uint8 idx file (magic {data[:4]!r})")
     ndim = data[3]
@@ -197,26 +257,46 @@ def read_fashion_mnist_debian(root: Path, split: str) -> ImageArrays:
     return ImageArrays(images[..., None], labels, list(FASHION_MNIST_CLASSES))
 
 
+_IMAGEFOLDER_LAYOUT = "root/train/<class>/<image> and root/val/<class>/<image> (or test/)"
+
+
 def _imagefolder_classes(split_dir: Path) -> list[str]:
+    """The class folders of ``split_dir`` (``root/train``), sorted; at least two of them."""
+    root = split_dir.parent
+    if not root.is_dir():
+        raise FileNotFoundError(f"imagefolder root {root} does not exist (or is not a directory); "
+                                f"expected {_IMAGEFOLDER_LAYOUT}")
     if not split_dir.is_dir():
-        raise FileNotFoundError(f"{split_dir} is not a directory")
+        raise FileNotFoundError(f"imagefolder root {root} has no {split_dir.name}/ directory; "
+                                f"expected {_IMAGEFOLDER_LAYOUT}")
     classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise ValueError(f"{split_dir} has no class subdirectories (expected {split_dir}/<class>/<image>)")
+    if len(classes) < 2:
+        raise ValueError(f"{split_dir} has one class folder ({classes}); a classifier needs at least 2 classes: "
+                         f"one folder per class, {split_dir}/<class>/<image>")
     return classes
 
 
 def _imagefolder_files(split_dir: Path, classes: list[str]) -> list[tuple[Path, int]]:
-    files = []
+    """``(file, label)`` of every image under ``split_dir/<class>/``. In ``train/`` every class folder
+    must hold an image (a class never trained on is an error); a held-out split may lack some."""
+    if not split_dir.is_dir():
+        raise FileNotFoundError(f"{split_dir} is not a directory; expected {_IMAGEFOLDER_LAYOUT}")
+    files, empty = [], []
     for label, name in enumerate(classes):
         class_dir = split_dir / name
         if not class_dir.is_dir():
             raise ValueError(f"{split_dir}: class {name!r} (from train/) has no directory here")
-        for path in sorted(class_dir.rglob("*")):
-            if path.is_file() and path.suffix.lower() in _IMAGE_EXTENSIONS:
-                files.append((path, label))
+        found = [p for p in sorted(class_dir.rglob("*")) if p.is_file() and p.suffix.lower() in _IMAGE_EXTENSIONS]
+        files.extend((p, label) for p in found)
+        if not found:
+            empty.append(name)
     if not files:
         raise ValueError(f"{split_dir} has no image files ({', '.join(_IMAGE_EXTENSIONS)})")
+    if empty and split_dir.name == "train":
+        raise ValueError(f"{split_dir}: class folder(s) {empty} hold no image files "
+                         f"({', '.join(_IMAGE_EXTENSIONS)}); every class needs training images")
     return files
 
 
@@ -232,7 +312,11 @@ def _resize_center_crop(img, size: int):
 
 
 def read_imagefolder(root: Path, split: str, img_size: int, classes: Optional[list[str]] = None) -> ImageArrays:
-    """Decode ``root/<split>/<class>/*`` to RGB, shorter side resized to ``img_size``, centre-cropped."""
+    """Decode ``root/<split>/<class>/*`` to RGB, shorter side resized to ``img_size``, centre-cropped.
+
+    Unreadable files (corrupt, truncated, not an image) are not skipped: every file is tried, then a
+    ``ValueError`` lists each bad one with PIL's reason and their count, so the dataset is fixed (or
+    the files removed) knowingly instead of training on silently fewer images."""
     from PIL import Image
 
     split_dir = root / split
@@ -240,10 +324,18 @@ def read_imagefolder(root: Path, split: str, img_size: int, classes: Optional[li
     files = _imagefolder_files(split_dir, classes)
     images = np.empty((len(files), img_size, img_size, 3), dtype=np.uint8)
     labels = np.empty(len(files), dtype=np.int64)
+    bad = []
     for i, (path, label) in enumerate(files):
-        with Image.open(path) as img:
-            images[i] = np.asarray(_resize_center_crop(img.convert("RGB"), img_size))
+        try:
+            with Image.open(path) as img:
+                images[i] = np.asarray(_resize_center_crop(img.convert("RGB"), img_size))
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            bad.append(f"{path} ({type(err).__name__}: {err})")
         labels[i] = label
+    if bad:
+        shown = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
+        raise ValueError(f"{split_dir}: {len(bad)} of {len(files)} image files cannot be read (corrupt or "
+                         f"truncated); fix or remove them:\n  {shown}")
     return ImageArrays(images, labels, classes)
 
 
@@ -287,8 +379,7 @@ def dataset_info(dataset: str, root: Optional[Path] = None, img_size: Optional[i
                 raise FileNotFoundError(
                     f"cifar10_npz: {test} not found; root must be a directory with train.npz and test.npz "
                     f"(the format of shared/data/README.md)")
-            with np.load(test, allow_pickle=False) as d:
-                names = [str(c) for c in d["classes"]]
+            names = [str(c) for c in _read_npz_arrays(test, ["classes"])["classes"]]
         mean, std = _STATS["cifar10"]
         return DatasetInfo(len(names), tuple(names), 3, 32, mean, std)
     if dataset == "cifar100":
@@ -362,6 +453,9 @@ def load_split(
             raise ValueError("dataset='imagefolder' needs img_size (images are resized to img_size x img_size)")
     else:
         img_size = None
+
+    if dataset == "cifar10_npz" and not (root / f"{split}.npz").is_file():
+        _read_npz_arrays(root / f"{split}.npz", [])  # raises FileNotFoundError naming the file and layout
 
     def decoder() -> ImageArrays:
         if dataset in TORCHVISION:

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import math
 import numbers
+from fractions import Fraction
 from typing import Optional, Sequence
 
 import numpy as np
 
-__all__ = ["check_fraction", "check_seed", "per_class_counts", "stratified_subset"]
+__all__ = ["check_fraction", "check_seed", "per_class_counts", "smallest_fraction", "stratified_subset"]
 
 
 def check_fraction(fraction) -> float:
@@ -47,7 +48,25 @@ def check_seed(seed) -> int:
 def per_class_counts(class_sizes: Sequence[int], fraction: float) -> list[int]:
     """``k_c = floor(fraction * n_c + 1/2)`` for each class size ``n_c`` (round half up)."""
     fraction = check_fraction(fraction)
-    return [min(int(n), int(math.floor(fraction * int(n) + 0.5))) for n in class_sizes]
+    exact = Fraction(repr(fraction))  # the decimal the user wrote: 0.29 * 50 is 14.5, not 14.4999...
+    return [min(int(n), math.floor(exact * int(n) + Fraction(1, 2))) for n in class_sizes]
+
+
+def smallest_fraction(class_size: int, significant_digits: int = 3) -> float:
+    """The smallest data_fraction, to ``significant_digits`` digits, that keeps a sample of a class of
+    ``class_size`` samples (``per_class_counts([class_size], f) == [1]``).
+
+    ``0.5 / n`` is the exact bound, but printed to a few digits it may round down and fail (0.5/6 =
+    0.08333... -> 0.0833 keeps nothing), so the bound is rounded up, and checked in float arithmetic."""
+    if isinstance(class_size, bool) or not isinstance(class_size, numbers.Integral) or class_size < 1:
+        raise ValueError(f"class_size must be a positive integer, got {class_size!r}")
+    bound = Fraction(1, 2 * int(class_size))
+    digits = significant_digits - 1 - math.floor(math.log10(bound))
+    for d in range(digits, digits + 17):
+        candidate = float(Fraction(math.ceil(bound * 10**d), 10**d))
+        if candidate <= 1.0 and per_class_counts([class_size], candidate)[0] >= 1:
+            return candidate
+    return 1.0
 
 
 def stratified_subset(
@@ -78,10 +97,11 @@ def stratified_subset(
         smallest = int(sizes.min())
         names = [class_names[c] if class_names is not None and c < len(class_names) else str(c)
                  for c in empty]
+        shown = f"{names[:10]} and {len(names) - 10} more" if len(names) > 10 else f"{names}"
         raise ValueError(
-            f"data_fraction={fraction} leaves class(es) {names} with no training sample "
+            f"data_fraction={fraction} leaves class(es) {shown} with no training sample "
             f"(k_c = floor(fraction * n_c + 1/2), smallest class has n_c={smallest}); "
-            f"use data_fraction >= {0.5 / smallest:.6g}")
+            f"use data_fraction >= {smallest_fraction(smallest)}")
     keep = []
     for c, k in zip(classes, counts):
         members = np.flatnonzero(labels == c)  # ascending dataset order

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-__all__ = ["PRESETS", "ImageTransform", "build_transforms"]
+__all__ = ["PRESETS", "ImageTransform", "BatchImageTransform", "augmentation_draws", "build_transforms"]
 
 PRESETS = ("none", "flip", "basic", "diffusion")
 
@@ -71,3 +71,90 @@ class ImageTransform:
 def build_transforms(preset: str, mean: Sequence[float], std: Sequence[float]) -> tuple[ImageTransform, ImageTransform]:
     """(training transform, evaluation transform) of a preset."""
     return ImageTransform(preset, True, mean, std), ImageTransform(preset, False, mean, std)
+
+
+# ---------------------------------------------------------------------------------------------
+# The same presets on whole uint8 batches, on the training device (ImageDataModule(augment_on_device=True))
+# ---------------------------------------------------------------------------------------------
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixer (two multiply-xorshift rounds) on int64 tensors holding values < 2**32;
+    products stay below 2**59, so nothing overflows on any device."""
+    x = x & _MASK32
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _MASK32
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def augmentation_draws(seed: int, epochs: torch.Tensor, indices: torch.Tensor, count: int) -> torch.Tensor:
+    """``count`` pseudo-random 32-bit draws per sample, a function of (seed, epoch, dataset index)
+    alone: int64 ``(B, count)``. The batch analogue of ``default_rng([seed, epoch, index])``."""
+    seed = int(seed)
+    h = _hash32(torch.full_like(indices, seed & _MASK32)) ^ _hash32(torch.full_like(indices, (seed >> 32) & _MASK32) + 1)
+    h = _hash32(_hash32(h ^ (epochs & _MASK32)) ^ (indices & _MASK32))
+    return torch.stack([_hash32(h + 0x9E3779B9 * (k + 1)) for k in range(count)], dim=1)
+
+
+class BatchImageTransform:
+    """uint8 ``(B, H, W, C)`` batch + ``(epoch, index)`` keys -> float ``(B, C, H, W)``, on any device.
+
+    The batch twin of :class:`ImageTransform`: the same presets (crop with ``img_size // 8`` zero
+    padding, flip with p = 1/2, the same normalisation), applied where the batch lives, so a GPU run
+    needs no CPU workers for augmentation. Each sample's crop offsets and flip come from
+    :func:`augmentation_draws` of (seed, epoch, dataset index): like the CPU path they depend on
+    nothing but the seed, the epoch and the image (the two paths draw different, equally uniform,
+    offsets).
+    """
+
+    def __init__(self, preset: str, train: bool, mean: Sequence[float], std: Sequence[float],
+                 seed: int = 0, padding: Optional[int] = None) -> None:
+        self.cpu = ImageTransform(preset, train, mean, std, padding)  # validates the preset
+        self.seed = int(seed)
+        self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # (mean, std) per device
+
+    def _mean_std(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        # copied to a device once: a copy from pageable CPU memory synchronises the device each time
+        if device not in self._stats:
+            self._stats[device] = (self.cpu.mean.to(device), self.cpu.std.to(device))
+        return self._stats[device]
+
+    @property
+    def random(self) -> bool:
+        return self.cpu.random
+
+    def params(self, keys: torch.Tensor, height: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """(top, left, flip, padding) per sample for ``keys`` = int64 ``(B, 2)`` of (epoch, index)."""
+        p = self.cpu.padding if self.cpu.padding is not None else max(1, height // 8)
+        draws = augmentation_draws(self.seed, keys[:, 0], keys[:, 1], 3)
+        top, left = draws[:, 0] % (2 * p + 1), draws[:, 1] % (2 * p + 1)
+        flip = (draws[:, 2] & 1).bool() if self.cpu.flip else torch.zeros_like(top, dtype=torch.bool)
+        if not self.cpu.crop:
+            top, left, p = torch.zeros_like(top), torch.zeros_like(left), 0
+        return top, left, flip, p
+
+    def __call__(self, images: torch.Tensor, keys: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"expected a uint8 (B, H, W, C) batch, got {images.dtype} {tuple(images.shape)}")
+        x = images.permute(0, 3, 1, 2)
+        if self.random:
+            if keys is None:
+                raise ValueError("a random augmentation needs the batch's (epoch, index) keys")
+            b, _, h, w = x.shape
+            top, left, flip, p = self.params(keys.to(x.device), h)
+            if p:
+                padded = torch.nn.functional.pad(x, (p, p, p, p))
+                rows = (top[:, None] + torch.arange(h, device=x.device))[:, :, None]   # (B, H, 1)
+                cols = (left[:, None] + torch.arange(w, device=x.device))[:, None, :]  # (B, 1, W)
+                x = padded[torch.arange(b, device=x.device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        x = x.float()
+        if self.cpu.minus_one_one:
+            return x / 127.5 - 1.0
+        mean, std = self._mean_std(x.device)
+        return (x / 255.0 - mean) / std
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(preset={self.cpu.preset!r}, train={self.cpu.train})"

@@ -23,6 +23,8 @@ Head conventions, with ``H = num_attention_heads`` the head count of the standar
 """
 from __future__ import annotations
 
+import glob
+import os
 from typing import Any, Optional
 
 import torch
@@ -35,6 +37,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor
 
 from diffvision.attention import BACKENDS, GroupedDifferentialAttention, create_attention
+from diffvision.models._helpers import checkpoint_errors, did_you_mean
 
 __all__ = [
     "DIT_PRESETS",
@@ -113,7 +116,8 @@ def resolve_attention_heads(
     ``Hs + Hn = H``. Raises ``ValueError`` naming what is wrong and what would work.
     """
     if attention_type not in ATTENTION_TYPES:
-        raise ValueError(f"attention_type={attention_type!r} is not supported; accepted: {ATTENTION_TYPES}")
+        raise ValueError(f"attention_type={attention_type!r} is not supported"
+                         f"{did_you_mean(attention_type, ATTENTION_TYPES)}; accepted: {ATTENTION_TYPES}")
     H, D = num_attention_heads, hidden_size
     if attention_type != "gda" and (signal_heads is not None or noise_heads is not None):
         raise ValueError(
@@ -321,10 +325,12 @@ class DiffDiTTransformer2DModel(ModelMixin, ConfigMixin):
         if not 0.0 <= cfg.class_dropout_prob < 1.0:
             raise ValueError(f"class_dropout_prob must be in [0, 1), got {cfg.class_dropout_prob}")
         if cfg.activation_fn not in ACTIVATIONS:
-            raise ValueError(f"activation_fn={cfg.activation_fn!r} is not supported; accepted: {ACTIVATIONS}")
+            raise ValueError(f"activation_fn={cfg.activation_fn!r} is not supported"
+                             f"{did_you_mean(cfg.activation_fn, ACTIVATIONS)}; accepted: {ACTIVATIONS}")
         if cfg.diff_attention_backend not in BACKENDS:
             raise ValueError(
-                f"diff_attention_backend={cfg.diff_attention_backend!r} is not supported; accepted: {BACKENDS}")
+                f"diff_attention_backend={cfg.diff_attention_backend!r} is not supported"
+                f"{did_you_mean(cfg.diff_attention_backend, BACKENDS)}; accepted: {BACKENDS}")
 
     def initialize_weights(self) -> None:
         """DiT's init: xavier-uniform linears, N(0, 0.02) embeddings, zero adaLN and output layer.
@@ -358,8 +364,34 @@ class DiffDiTTransformer2DModel(ModelMixin, ConfigMixin):
         """Build a DiT size by name, e.g. ``from_preset("DiT-S/2", attention_type="diff", sample_size=32,
         in_channels=3, num_classes=10)``; ``kwargs`` set or override any config value."""
         if name not in DIT_PRESETS:
-            raise ValueError(f"unknown preset {name!r}; accepted: {list(DIT_PRESETS)}")
+            raise ValueError(f"unknown preset {name!r}{did_you_mean(name, DIT_PRESETS)}; accepted: {list(DIT_PRESETS)}")
         return cls(**{**DIT_PRESETS[name], **kwargs})
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' ``from_pretrained`` (safetensors first, ``.bin`` with ``weights_only=True``), made strict.
+
+        diffusers only warns when checkpoint keys are missing or left over, and with its default
+        ``low_cpu_mem_usage=True`` missing parameters stay *uninitialised memory*. A checkpoint of another
+        architecture (e.g. ``attention_type="standard"`` weights under a ``"diff"`` config, whose q/k/v
+        shapes agree) would then load into a silently wrong model: this raises ``ValueError`` naming the
+        keys instead. (Keys of another shape already raise in diffusers, unless
+        ``ignore_mismatched_sizes=True`` asks for them to be re-initialised.) A truncated, corrupt or code-carrying weights file raises an error naming the file.
+        """
+        want_info = kwargs.pop("output_loading_info", False)
+        with checkpoint_errors(*_local_weight_files(pretrained_model_name_or_path, kwargs.get("subfolder"))):
+            model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
+        problems = [f"  missing from the checkpoint: {sorted(info['missing_keys'])}"] if info["missing_keys"] else []
+        if info["unexpected_keys"]:
+            problems.append(f"  in the checkpoint but not in the model: {sorted(info['unexpected_keys'])}")
+        if problems:
+            cfg = model.config
+            raise ValueError(
+                f"the weights at {pretrained_model_name_or_path} do not fit DiffDiTTransformer2DModel("
+                f"attention_type={cfg.attention_type!r}, num_layers={cfg.num_layers}, "
+                f"hidden size {model.inner_dim}, qk_norm={cfg.qk_norm}) built from its config (a checkpoint of "
+                f"another architecture or attention_type?):\n" + "\n".join(problems))
+        return (model, info) if want_info else model
 
     @classmethod
     def from_dit(cls, dit: nn.Module, **overrides) -> "DiffDiTTransformer2DModel":
@@ -400,7 +432,8 @@ class DiffDiTTransformer2DModel(ModelMixin, ConfigMixin):
         (diffusers' own ``set_attention_backend`` targets diffusers ``Attention`` modules, not these.)
         """
         if backend not in BACKENDS:
-            raise ValueError(f"backend={backend!r} is not supported; accepted: {BACKENDS}")
+            raise ValueError(f"backend={backend!r} is not supported{did_you_mean(backend, BACKENDS)}; "
+                             f"accepted: {BACKENDS}")
         for module in self.modules():
             if isinstance(module, GroupedDifferentialAttention):
                 module.backend = backend
@@ -419,16 +452,21 @@ class DiffDiTTransformer2DModel(ModelMixin, ConfigMixin):
             raise ValueError(
                 f"hidden_states has shape {tuple(hidden_states.shape)}, expected (batch, {expected[0]}, "
                 f"{expected[1]}, {expected[2]}) = (batch, in_channels, sample_size, sample_size) of this model")
+        if not hidden_states.is_floating_point():
+            raise ValueError(f"hidden_states must be a floating-point tensor, got dtype {hidden_states.dtype}")
         if class_labels is None:
             raise ValueError(
                 f"class_labels is required (a (batch,) integer tensor in [0, {cfg.num_classes}); "
                 f"{cfg.num_classes} is the null class" + ("" if self.has_null_class else ", absent here") + ")")
-        if not isinstance(class_labels, Tensor) or class_labels.is_floating_point() or class_labels.is_complex():
+        if (not isinstance(class_labels, Tensor) or class_labels.is_floating_point() or class_labels.is_complex()
+                or class_labels.dtype == torch.bool):  # a bool mask would silently become classes 0 / 1
             raise ValueError(f"class_labels must be an integer tensor, got "
                              f"{class_labels.dtype if isinstance(class_labels, Tensor) else type(class_labels).__name__}")
         if class_labels.shape != (B,):
             raise ValueError(f"class_labels has shape {tuple(class_labels.shape)}, expected ({B},) = (batch,)")
-        if not torch.compiler.is_compiling():
+        # The range check reads two numbers back from the device: skipped for CUDA tensors while training,
+        # where it would sync every step (training labels are range-checked when the data is loaded).
+        if not torch.compiler.is_compiling() and not (self.training and class_labels.is_cuda):
             high = cfg.num_classes + (1 if self.has_null_class else 0)
             lo, hi = torch.stack([class_labels.min(), class_labels.max()]).tolist()
             if lo < 0 or hi >= high:
@@ -442,7 +480,13 @@ class DiffDiTTransformer2DModel(ModelMixin, ConfigMixin):
         if timestep is None:
             raise ValueError("timestep is required: a number or a tensor of shape (), (1,) or (batch,)")
         if not isinstance(timestep, Tensor):
-            timestep = torch.tensor(timestep, device=device)
+            try:
+                timestep = torch.tensor(timestep, device=device)
+            except (TypeError, ValueError, RuntimeError) as err:
+                raise ValueError(f"timestep must be a number or a tensor of shape (), (1,) or (batch,), "
+                                 f"got {timestep!r}") from err
+        if timestep.dtype == torch.bool or timestep.is_complex():
+            raise ValueError(f"timestep must hold real numbers (int or float), got dtype {timestep.dtype}")
         if timestep.dim() > 1 or (timestep.dim() == 1 and timestep.shape[0] not in (1, batch)):
             raise ValueError(f"timestep has shape {tuple(timestep.shape)}, expected (), (1,) or ({batch},)")
         return timestep.to(device).reshape(-1).expand(batch)
@@ -493,6 +537,14 @@ class DiffDiTTransformer2DModel(ModelMixin, ConfigMixin):
         if not return_dict:
             return (output,)
         return Transformer2DModelOutput(sample=output)
+
+
+def _local_weight_files(path, subfolder: Optional[str] = None) -> list[str]:
+    """The weight files of a local ``save_pretrained`` folder (none for a hub id)."""
+    folder = os.path.join(str(path), subfolder) if subfolder else str(path)
+    if not os.path.isdir(folder):
+        return []
+    return sorted(glob.glob(os.path.join(folder, "*.safetensors")) + glob.glob(os.path.join(folder, "*.bin")))
 
 
 # --------------------------------------------------------------------------------------------

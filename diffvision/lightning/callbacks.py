@@ -4,12 +4,18 @@ from __future__ import annotations
 import copy
 import csv
 import logging
+import os
+import shutil
+import weakref
 from pathlib import Path
 from typing import Optional
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
+
+from ..models import load_checkpoint_file
 
 __all__ = ["ExportOnFitEnd", "LastCheckpoint", "PredictionWriter", "StopAfterEpochs", "export_module"]
 
@@ -45,11 +51,46 @@ class LastCheckpoint(ModelCheckpoint):
     not the last), and with ``check_val_every_n_epoch > 1`` not at all between validations: this
     callback keeps the latest state for ``--ckpt_path last``. It runs after the other checkpoint
     callbacks, so their (best-model) state is current in ``last.ckpt``.
+
+    Writes are atomic on local disks: the checkpoint goes to ``.last.ckpt.partial`` in the same
+    directory and then replaces ``last.ckpt`` (``os.replace``), so a crash, a kill or a full disk
+    while writing leaves the previous ``last.ckpt`` whole. A failed write removes the partial file
+    and raises an ``OSError`` naming the checkpoint and the free space.
     """
+
+    PARTIAL_SUFFIX = ".partial"
 
     def __init__(self, dirpath: Optional[str] = None, **kwargs) -> None:
         super().__init__(dirpath=dirpath, filename=self.CHECKPOINT_NAME_LAST, monitor=None, save_top_k=1,
                          save_last=False, enable_version_counter=False, save_on_train_epoch_end=True, **kwargs)
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        if not _is_local_file_protocol(filepath):
+            return super()._save_checkpoint(trainer, filepath)  # object stores: whole-object uploads
+        path = Path(filepath)
+        partial = path.with_name(f".{path.name}{self.PARTIAL_SUFFIX}")
+        try:
+            trainer.save_checkpoint(partial, self.save_weights_only)  # every rank: strategies gather here
+            if trainer.is_global_zero:
+                if partial.is_dir():  # sharded strategies save a directory: no atomic swap for those
+                    shutil.rmtree(path, ignore_errors=True)
+                os.replace(partial, path)
+        except OSError as err:
+            if trainer.is_global_zero:
+                if partial.is_dir():
+                    shutil.rmtree(partial, ignore_errors=True)
+                elif partial.exists():
+                    partial.unlink()
+            free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else None
+            intact = "the previous one is intact" if path.exists() else "there is no earlier one"
+            raise OSError(err.errno, f"writing checkpoint {path} failed ({err.strerror or err}; "
+                                     f"{free if free is not None else '?'} bytes free there); {intact}",
+                          str(path)) from err
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(weakref.proxy(self))
 
 
 class StopAfterEpochs(Callback):
@@ -102,7 +143,7 @@ class ExportOnFitEnd(Callback):
                 log.warning("ExportOnFitEnd(weights='best'): no best checkpoint; exporting the last weights")
             else:
                 module = copy.deepcopy(pl_module)
-                state = torch.load(best, map_location=pl_module.device, weights_only=False)["state_dict"]
+                state = load_checkpoint_file(best, map_location=pl_module.device)["state_dict"]
                 module.load_state_dict(state)
         self.export_path = export_module(module, target, trainer.datamodule)
         log.info("exported %s to %s", type(pl_module).__name__, self.export_path)
@@ -114,7 +155,8 @@ class PredictionWriter(BasePredictionWriter):
 
     Classifier outputs go to ``predictions.csv`` (index, label, prediction, its name and
     probability); generated images (``DiffusionModule``) to ``predictions/<index>.png`` with an
-    index ``predictions.csv`` (index, label, file). Under DDP each rank writes
+    index ``predictions.csv`` (index, label, file). ``index`` is the image's row in its split as
+    stored (the loader may serve the split in another order). Under DDP each rank writes
     ``predictions-rank<r>.csv``.
     """
 
@@ -131,6 +173,9 @@ class PredictionWriter(BasePredictionWriter):
         batches = predictions[0] if predictions and isinstance(predictions[0], list) else predictions
         index_lists = batch_indices[0] if batch_indices and isinstance(batch_indices[0], list) else batch_indices
         names = getattr(pl_module, "class_names", None)
+        loaders = trainer.predict_dataloaders
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+        row_of = getattr(getattr(loader, "dataset", None), "indices", None)  # loader position -> stored row
         with open(out_dir / name, "w", newline="") as f:
             writer = csv.writer(f)
             images = bool(batches) and "images" in batches[0]
@@ -140,6 +185,8 @@ class PredictionWriter(BasePredictionWriter):
             for batch, indices in zip(batches, index_lists or [None] * len(batches)):
                 n = len(batch["labels"] if "labels" in batch else batch["preds"])
                 indices = list(indices) if indices is not None else list(range(counter, counter + n))
+                if row_of is not None:
+                    indices = [int(row_of[i]) for i in indices]
                 counter += n
                 labels = batch["labels"].tolist() if "labels" in batch else [""] * n
                 if images:

@@ -1,7 +1,9 @@
 """``ImageClassifier``: any ``timm.create_model`` name, trained with Lightning."""
 from __future__ import annotations
 
+import difflib
 import importlib.util
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -12,9 +14,14 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torchmetrics.classification import MulticlassAccuracy
 
-from .optim import build_lr_scheduler, default_adamw, param_groups, run_seed, step_rng, step_seed
+from .loading import WeightsOnlyLoading
+from .optim import build_lr_scheduler, default_adamw, param_groups, run_seed, shows_progress_bar, step_rng, step_seed
 
-__all__ = ["ImageClassifier", "create_classifier"]
+__all__ = ["ImageClassifier", "check_labels", "check_model_name", "create_classifier"]
+
+# ImageClassifier.on_before_batch_transfer (the label check) is meant to run beside any data module
+warnings.filterwarnings("ignore", message="You have overridden `on_before_batch_transfer` in `LightningModule` "
+                                          "but have passed in a `LightningDataModule`")
 
 
 def _register_diffvision_models() -> None:
@@ -23,13 +30,53 @@ def _register_diffvision_models() -> None:
         importlib.import_module("diffvision.models")
 
 
+def check_model_name(model_name: str) -> str:
+    """``model_name`` if timm knows it (``name`` or ``name.pretrained_tag``); else a ``ValueError``
+    suggesting the closest registered names. Hub / local names (``hf-hub:``, ``local-dir:``) pass
+    through: timm resolves those itself."""
+    if not isinstance(model_name, str) or not model_name:
+        raise ValueError(f"model_name must be a timm model name (str), got {model_name!r}")
+    _register_diffvision_models()
+    if ":" in model_name:
+        return model_name
+    arch, _, tag = model_name.partition(".")
+    if timm.is_model(arch):
+        if not tag:
+            return model_name
+        tagged = timm.list_pretrained(f"{arch}.*")
+        if model_name in tagged:
+            return model_name
+        close = difflib.get_close_matches(model_name, tagged, n=5, cutoff=0.0)
+        raise ValueError(f"unknown pretrained tag {tag!r} of {arch!r}; the closest of its tags: "
+                         f"{', '.join(close) if close else 'it has none (no pretrained weights)'}")
+    names = timm.list_models()
+    close = difflib.get_close_matches(arch, names, n=5, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}?" if close else "no registered name is close"
+    raise ValueError(f"unknown model_name {model_name!r}: {hint} (timm.list_models() has {len(names)} names; "
+                     f"diffvision's are timm.list_models('diff_*') and timm.list_models('gda_*'))")
+
+
+def check_labels(labels: torch.Tensor, num_classes: int) -> None:
+    """Class indices must lie in ``[0, num_classes)``: out of range, cross-entropy gives a CUDA
+    device assert (which kills the process's CUDA context) or, for -100, silently ignores the sample."""
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex():
+        return  # soft (probability) targets: nothing to check here
+    bad = (labels < 0) | (labels >= num_classes)
+    if bool(bad.any()):
+        values = torch.unique(labels[bad]).tolist()
+        raise ValueError(f"class label(s) {values[:10]} out of range for num_classes={num_classes}: labels "
+                         f"must be integers in [0, {num_classes - 1}] (check the dataset's labels and "
+                         f"the model's num_classes)")
+
+
 def create_classifier(model_name: str, num_classes: int, in_chans: int, img_size: Optional[int] = None,
                       pretrained: bool = False, **model_kwargs) -> torch.nn.Module:
     """``timm.create_model`` with the data's classes, channels and (for models that take it) size.
 
     Convolutional timm models have no ``img_size`` argument (any size works): for them it is left out.
+    An unknown ``model_name`` raises a ``ValueError`` naming the closest registered models.
     """
-    _register_diffvision_models()
+    check_model_name(model_name)
     kwargs = dict(model_kwargs, num_classes=num_classes, in_chans=in_chans)
     if img_size is not None and "img_size" not in kwargs:
         try:
@@ -40,7 +87,7 @@ def create_classifier(model_name: str, num_classes: int, in_chans: int, img_size
     return timm.create_model(model_name, pretrained=pretrained, **kwargs)
 
 
-class ImageClassifier(pl.LightningModule):
+class ImageClassifier(WeightsOnlyLoading, pl.LightningModule):
     """Image classifier around a timm model, with label-smoothed cross-entropy and top-1/top-5 accuracy.
 
     Args:
@@ -118,19 +165,38 @@ class ImageClassifier(pl.LightningModule):
 
     # ---- steps ---------------------------------------------------------------------------------
 
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        # labels are checked while still on the CPU (free); on the GPU a bad label is a device assert
+        if (isinstance(batch, (list, tuple)) and len(batch) >= 2 and isinstance(batch[1], torch.Tensor)
+                and batch[1].device.type == "cpu"):
+            check_labels(batch[1], self.hparams.num_classes)
+        return batch
+
+    def _labels(self, y: torch.Tensor) -> torch.Tensor:
+        if y.device.type == "cpu":  # a CPU run, or a step called outside a Trainer
+            check_labels(y, self.hparams.num_classes)
+        return y
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
+        y = self._labels(y)
         # dropout / drop-path draw from (seed, epoch, batch, rank) only: a resumed run repeats them
         with step_rng(step_seed(run_seed(), self.current_epoch, batch_idx, self.global_rank), self.device):
             logits = self(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
-        self.train_acc1(logits, y)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
-        self.log("train/acc1", self.train_acc1, on_step=False, on_epoch=True, batch_size=len(y))
+        # update, not forward: only the epoch value is logged (on_train_epoch_end), so no per-batch value
+        self.train_acc1.update(logits.detach(), y)
+        self.log("train/loss", loss, prog_bar=shows_progress_bar(self._trainer), on_step=True, on_epoch=True,
+                 batch_size=len(y))
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        # logged once per epoch, not from every training_step: each self.log of a Metric costs host time
+        self.log("train/acc1", self.train_acc1, on_step=False, on_epoch=True)
 
     def _eval_step(self, batch, stage: str) -> None:
         x, y = batch
+        y = self._labels(y)
         logits = self(x)
         loss = F.cross_entropy(logits, y)  # the plain cross-entropy (no smoothing) on held-out data
         acc1 = getattr(self, f"{stage}_acc1")

@@ -12,6 +12,7 @@ checkpoint, samples and FID use it, and :meth:`DiffusionModule.export_pipeline` 
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
 from pathlib import Path
@@ -24,8 +25,11 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_only
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-from .optim import build_lr_scheduler, param_groups, run_seed, step_rng, step_seed
+from ..models._helpers import did_you_mean
+from .loading import WeightsOnlyLoading
+from .optim import build_lr_scheduler, default_adamw, param_groups, run_seed, shows_progress_bar, step_rng, step_seed
 
 __all__ = ["DiffusionModule", "GaussianDiffusionTerms", "SAMPLERS", "default_dit_adamw"]
 
@@ -37,6 +41,12 @@ SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmsolver": DPMSolver
 def default_dit_adamw(params) -> torch.optim.Optimizer:
     """DiT's optimizer: AdamW(lr=1e-4, weight_decay=0)."""
     return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+
+
+# A module built in Python keeps its optimizer factory in hparams, so the default factories are pickled
+# (by name) into every checkpoint; allowlisting these two plain functions lets such checkpoints load and
+# resume with weights_only=True. Nothing else is allowlisted.
+torch.serialization.add_safe_globals([default_adamw, default_dit_adamw])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,7 +132,7 @@ class GaussianDiffusionTerms(nn.Module):
 # The LightningModule
 # ---------------------------------------------------------------------------------------------
 
-class DiffusionModule(pl.LightningModule):
+class DiffusionModule(WeightsOnlyLoading, pl.LightningModule):
     """Class-conditional diffusion training of a ``DiffDiTTransformer2DModel`` in pixel space.
 
     Args:
@@ -185,7 +195,8 @@ class DiffusionModule(pl.LightningModule):
         from diffvision.diffusion import DiffDiTTransformer2DModel
 
         if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; accepted: {list(SAMPLERS)}")
+            raise ValueError(f"unknown sampler {sampler!r}{did_you_mean(sampler, SAMPLERS)}; "
+                             f"accepted: {list(SAMPLERS)}")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         for name in ("sample_steps", "sample_every_n_epochs", "fid_every_n_epochs", "fid_batch_size"):
@@ -218,6 +229,7 @@ class DiffusionModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.class_names = list(class_names) if class_names is not None else None
         self._ema_step = -1
+        self._ema_count: Optional[int] = None  # host copy of ema.n_averaged (read once per fit)
         self._fid = None
         self._fid_error: Optional[str] = None
         self._fid_real_seen = 0
@@ -254,7 +266,8 @@ class DiffusionModule(pl.LightningModule):
             t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
             terms = self.diffusion_loss(self.transformer, x0, labels, noise, t)
         bs = x0.shape[0]
-        self.log("train/loss", terms["loss"], prog_bar=True, on_step=True, on_epoch=True, batch_size=bs)
+        self.log("train/loss", terms["loss"], prog_bar=shows_progress_bar(self._trainer), on_step=True, on_epoch=True,
+                 batch_size=bs)
         self.log("train/mse", terms["mse"], on_step=False, on_epoch=True, batch_size=bs)
         if self.learn_sigma:
             self.log("train/vb", terms["vb"], on_step=False, on_epoch=True, batch_size=bs)
@@ -262,11 +275,31 @@ class DiffusionModule(pl.LightningModule):
 
     def on_train_start(self) -> None:
         self._ema_step = self.global_step
+        self._ema_count = None  # a checkpoint may have been restored: read n_averaged again
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.global_step > self._ema_step:  # once per optimizer step (gradient accumulation aware)
-            self.ema.update_parameters(self.transformer)
+            self.update_ema()
             self._ema_step = self.global_step
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """``self.ema.update_parameters(self.transformer)`` with the same arithmetic (the first update
+        copies the weights, later ones apply the EMA's ``multi_avg_fn`` per device and dtype group),
+        minus its two device synchronisations per call: ``AveragedModel`` tests its on-device counter
+        ``n_averaged`` on the host; here a host copy of it is kept (read once per fit)."""
+        if self._ema_count is None:
+            self._ema_count = int(self.ema.n_averaged)
+        ema = [t.detach() for t in itertools.chain(self.ema.module.parameters(), self.ema.module.buffers())]
+        model = [t.detach() for t in itertools.chain(self.transformer.parameters(), self.transformer.buffers())]
+        if self._ema_count == 0:
+            for e, m in zip(ema, model):
+                e.copy_(m)
+        else:
+            for (_, _), ([ema_group, model_group], _) in _group_tensors_by_device_and_dtype([ema, model]).items():
+                self.ema.multi_avg_fn(ema_group, model_group, self.ema.n_averaged)
+        self.ema.n_averaged += 1
+        self._ema_count += 1
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(param_groups(self.transformer))

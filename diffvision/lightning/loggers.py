@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import csv
+import io
+import os
+from typing import Optional
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
@@ -12,22 +16,66 @@ __all__ = ["ResumableCSVLogger"]
 
 class _AppendingExperimentWriter(ExperimentWriter):
     """Lightning's writer deletes an existing ``metrics.csv``; this one appends to it (rewriting the
-    header when new columns appear), so ``--ckpt_path last`` keeps the run's earlier rows."""
+    header when new columns appear), so ``--ckpt_path last`` keeps the run's earlier rows.
+
+    With ``resume_step`` (the checkpoint's step count) the rows a killed run logged after its last
+    checkpoint (``step >= resume_step``) are dropped: the resumed run logs those steps again, so each
+    step and each epoch's validation appear once. A row cut short by the kill is dropped too. Every
+    rewrite goes to a temporary file that then replaces ``metrics.csv``."""
+
+    def __init__(self, log_dir: str, resume_step: Optional[int] = None) -> None:
+        self._resume_step = resume_step
+        super().__init__(log_dir=log_dir)
 
     def _check_log_dir_exists(self) -> None:
-        if self._fs.isfile(self.metrics_file_path):
-            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
-                header = next(csv.reader(f), [])
-            self.metrics_keys = sorted(header)
+        if not self._fs.isfile(self.metrics_file_path):
+            return
+        with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+            text = f.read()
+        complete = text if text.endswith("\n") else text[:text.rfind("\n") + 1]  # a row cut by a kill
+        reader = csv.DictReader(io.StringIO(complete))
+        rows = list(reader)
+        header = list(reader.fieldnames or [])
+        kept = rows
+        if self._resume_step is not None:
+            kept = [r for r in rows if not r.get("step") or int(float(r["step"])) < self._resume_step]
+        if complete != text or len(kept) != len(rows):
+            self._write_atomically(header, kept)
+        self.metrics_keys = sorted(header)
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+            metrics = list(csv.DictReader(file))
+        self._write_atomically(fieldnames, metrics)
+
+    def _write_atomically(self, fieldnames: list[str], rows: list[dict]) -> None:
+        local = _is_local_file_protocol(self.metrics_file_path)
+        target = f"{self.metrics_file_path}.tmp" if local else self.metrics_file_path  # remote: one upload
+        with self._fs.open(target, "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=fieldnames)
+            writer.writeheader()
+            writer.writerows(rows)
+        if local:
+            os.replace(target, self.metrics_file_path)
 
 
 class ResumableCSVLogger(CSVLogger):
-    """``CSVLogger`` whose ``metrics.csv`` survives a resume into the same ``version_N`` directory."""
+    """``CSVLogger`` whose ``metrics.csv`` survives a resume into the same ``version_N`` directory.
+
+    Args:
+        resume_step: the resumed checkpoint's step count (``_batches_that_stepped``, the step the
+            CSV rows carry); rows of a killed run from that step on are dropped, as they are
+            logged again (TensorBoard's ``purge_step`` for the CSV file).
+    """
+
+    def __init__(self, *args, resume_step: Optional[int] = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._resume_step = resume_step
 
     @property
     @rank_zero_experiment
     def experiment(self) -> ExperimentWriter:
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _AppendingExperimentWriter(log_dir=self.log_dir)
+            self._experiment = _AppendingExperimentWriter(log_dir=self.log_dir, resume_step=self._resume_step)
         return self._experiment

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["LR_SCHEDULES", "param_groups", "lr_factor", "build_lr_scheduler", "step_seed", "step_rng",
-           "default_adamw", "run_seed"]
+           "default_adamw", "run_seed", "shows_progress_bar"]
 
 LR_SCHEDULES = ("cosine", "linear", "constant")
 
@@ -88,6 +88,13 @@ def step_seed(base_seed: int, *keys: int) -> int:
 
     entropy = [int(base_seed) % 2**63, *(int(k) for k in keys)]
     return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]) >> 1
+
+
+def shows_progress_bar(trainer) -> bool:
+    """Whether ``trainer`` has a progress bar. Log step values with ``prog_bar=`` this: Lightning turns
+    every ``prog_bar=True`` value into a Python number after every batch (``.item()``, a device
+    synchronisation that stops the host from running ahead of the GPU), bar or no bar."""
+    return trainer is not None and trainer.progress_bar_callback is not None
 
 
 def run_seed() -> int:

@@ -116,8 +116,14 @@ def convert_fid_helper_weights(src: Union[str, Path], dst: Union[str, Path]) -> 
 
 
 def _normalised_copy(src: Path) -> Path:
-    """A torch-fidelity-layout file as torchmetrics loads it: float32, with ``fc`` present."""
-    state = torch.load(src, map_location="cpu", weights_only=True)
+    """A torch-fidelity-layout file as torchmetrics loads it: float32, with ``fc`` present.
+
+    Also the safety gate: torch-fidelity reads the file with ``weights_only=False``, so every file handed
+    to it is first read here with ``weights_only=True`` (a pickle with code is refused, never run).
+    """
+    from diffvision.models._helpers import load_checkpoint_file
+
+    state = load_checkpoint_file(src)
     if all(v.dtype != torch.float16 for v in state.values()) and "fc.weight" in state:
         return src
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
@@ -141,7 +147,7 @@ def fid_weights_path(weights_path: Optional[Union[str, Path]] = None) -> Path:
         return _normalised_copy(path)
     cached = cache_dir() / CONVERTED_NAME
     if cached.is_file():
-        return cached
+        return _normalised_copy(cached)  # checked like any other file: the cache is writable by others
     src = _fid_helper_file()
     if src is None:
         raise FileNotFoundError(

@@ -1,4 +1,5 @@
 """diffvision.models: timm models with differential attention (registered on import)."""
+from ._helpers import CorruptCheckpointError, UnsafeCheckpointError, load_checkpoint_file
 from .diff_vit import (
     DiffBlock,
     DiffVisionTransformer,
@@ -8,9 +9,12 @@ from .diff_vit import (
 )
 
 __all__ = [
+    "CorruptCheckpointError",
     "DiffBlock",
     "DiffVisionTransformer",
     "StandardViTMapping",
+    "UnsafeCheckpointError",
     "checkpoint_filter_fn",
+    "load_checkpoint_file",
     "load_standard_vit_weights",
 ]

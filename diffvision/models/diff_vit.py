@@ -25,6 +25,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Set, Type, Union
 
 import torch
@@ -38,6 +39,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
 from ..attention import ATTENTION_LAYERS, BACKENDS, create_attention
+from ._helpers import checkpoint_errors, did_you_mean
 
 __all__ = [
     'DiffBlock',
@@ -147,9 +149,9 @@ class DiffVisionTransformer(VisionTransformer):
                     f"DiffVisionTransformer builds its own blocks; choose the attention with "
                     f"attn_kind={sorted(ATTENTION_LAYERS)}, not {arg}={kwargs[arg]!r}")
         if attn_kind not in ATTENTION_LAYERS:
-            raise ValueError(f"unknown attn_kind {attn_kind!r}; accepted: {sorted(ATTENTION_LAYERS)}")
-        if attn_backend not in BACKENDS:
-            raise ValueError(f"unknown attn_backend {attn_backend!r}; accepted: {list(BACKENDS)}")
+            raise ValueError(f"unknown attn_kind {attn_kind!r}{did_you_mean(attn_kind, ATTENTION_LAYERS)}; "
+                             f"accepted: {sorted(ATTENTION_LAYERS)}")
+        _check_backend(attn_backend)
         _attn_head_kwargs(attn_kind, num_heads, noise_heads)  # validate before building anything
         block_fn = partial(
             DiffBlock, attn_kind=attn_kind, noise_heads=noise_heads, lambda_init=lambda_init,
@@ -172,11 +174,35 @@ class DiffVisionTransformer(VisionTransformer):
 
     def set_attn_backend(self, backend: str) -> None:
         """Switch the differential attention kernel (``'auto'``, ``'math'``, ``'sdpa'``, ``'triton'``)."""
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown attn_backend {backend!r}; accepted: {list(BACKENDS)}")
+        _check_backend(backend)
         for block in self.blocks:
             if hasattr(block.attn, 'backend'):
                 block.attn.backend = backend
+
+    def _check_image(self, x: torch.Tensor) -> None:
+        """Name what is wrong with an input before the patch conv does it cryptically.
+
+        (The size check stays timm's: with a fixed ``img_size`` its message names both sizes.)
+        """
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{type(self).__name__} expects a (batch, channels, height, width) image tensor, "
+                             f"got {got}")
+        in_chans = self.patch_embed.proj.in_channels
+        if x.shape[1] != in_chans:
+            raise ValueError(
+                f"input has {x.shape[1]} channels (shape {tuple(x.shape)}), the model takes in_chans={in_chans}; "
+                f"convert the images or create the model with in_chans={x.shape[1]}")
+        if not x.is_floating_point():
+            raise ValueError(f"input must be a floating-point (normalised) image tensor, got dtype {x.dtype}")
+
+    def forward_features(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._check_image(x)
+        return super().forward_features(x, *args, **kwargs)
+
+    def forward_intermediates(self, x: torch.Tensor, *args: Any, **kwargs: Any):
+        self._check_image(x)
+        return super().forward_intermediates(x, *args, **kwargs)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
@@ -190,6 +216,12 @@ class DiffVisionTransformer(VisionTransformer):
         names = set(super().no_weight_decay())
         names.update(n for n, _ in self.named_parameters() if _DIFF_ONLY_KEY.match(n))
         return names
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attn_backend {backend!r}{did_you_mean(backend, BACKENDS)}; "
+                         f"accepted: {list(BACKENDS)}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -315,7 +347,10 @@ def load_standard_vit_weights(
     if isinstance(checkpoint, nn.Module):
         state_dict = checkpoint.state_dict()
     elif isinstance(checkpoint, (str, os.PathLike)):
-        state_dict = timm_load_state_dict(str(checkpoint))
+        if not os.path.isfile(checkpoint):
+            raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+        with checkpoint_errors(checkpoint):  # truncated / corrupt / unsafe: say so, naming the file
+            state_dict = timm_load_state_dict(str(checkpoint))  # safetensors or weights_only=True
     elif isinstance(checkpoint, Mapping):
         state_dict = dict(checkpoint)
     else:
@@ -391,29 +426,44 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-def _create_diff_vit(variant: str, pretrained: bool = False, **kwargs) -> DiffVisionTransformer:
+def _pretrained_files(pretrained: bool, kwargs: Dict[str, Any]) -> List[str]:
+    """Local weight files a pretrained load may read: ``pretrained_cfg_overlay=dict(file=...)`` or the
+    files of a ``local-dir:`` folder (named in load errors)."""
+    if not pretrained:
+        return []
+    files = []
+    for cfg in (kwargs.get('pretrained_cfg_overlay'), kwargs.get('pretrained_cfg')):
+        location = cfg.get('file') if isinstance(cfg, Mapping) else getattr(cfg, 'file', None)
+        if not location:
+            continue
+        if os.path.isdir(location):
+            files += sorted(str(p) for ext in ('safetensors', 'bin', 'pth')
+                            for p in Path(location).glob(f'*.{ext}'))
+        else:
+            files.append(str(location))
+    return files
+
+
+def _build(model_cls, filter_fn, variant: str, pretrained: bool, **kwargs):
     out_indices = kwargs.pop('out_indices', 3)
-    return build_model_with_cfg(
-        DiffVisionTransformer,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs,
-    )
+    with checkpoint_errors(*_pretrained_files(pretrained, kwargs)):  # a bad weights file is named
+        return build_model_with_cfg(
+            model_cls,
+            variant,
+            pretrained,
+            pretrained_filter_fn=filter_fn,
+            feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+            **kwargs,
+        )
+
+
+def _create_diff_vit(variant: str, pretrained: bool = False, **kwargs) -> DiffVisionTransformer:
+    return _build(DiffVisionTransformer, checkpoint_filter_fn, variant, pretrained, **kwargs)
 
 
 def _create_vit(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformer:
     """timm's own VisionTransformer (timm Attention): the standard twins of the 32x32 models."""
-    out_indices = kwargs.pop('out_indices', 3)
-    return build_model_with_cfg(
-        VisionTransformer,
-        variant,
-        pretrained,
-        pretrained_filter_fn=vit_checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs,
-    )
+    return _build(VisionTransformer, vit_checkpoint_filter_fn, variant, pretrained, **kwargs)
 
 
 @register_model

@@ -1,0 +1,255 @@
+""" Safe checkpoint reading and name suggestions, shared by the models, DIFF-DiT and the Lightning modules.
+
+Checkpoints are read with ``torch.load(weights_only=True)`` or safetensors only: a pickle that would
+import or call anything beyond tensors and plain containers is refused, never run. When a load fails,
+``checkpoint_error`` says which file and why: truncated (cut short by a crash or an interrupted
+download), corrupt, or refused as unsafe.
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import json
+import os
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator, List, Optional, Union
+
+import torch
+
+__all__ = [
+    'CorruptCheckpointError',
+    'UnsafeCheckpointError',
+    'checkpoint_error',
+    'checkpoint_errors',
+    'diagnose_checkpoint_file',
+    'did_you_mean',
+    'load_checkpoint_file',
+]
+
+PathLike = Union[str, os.PathLike]
+
+
+def did_you_mean(name: Any, choices: Iterable[str]) -> str:
+    """``" (did you mean 'DiT-S/2'?)"`` for the closest choices (case-insensitive), else ``""``."""
+    choices = list(choices)
+    by_folded = {c.casefold(): c for c in choices}
+    close = difflib.get_close_matches(str(name).casefold(), list(by_folded), n=3, cutoff=0.6)
+    if not close:
+        return ''
+    return ' (did you mean ' + ' or '.join(repr(by_folded[c]) for c in close) + '?)'
+
+
+class CorruptCheckpointError(OSError):
+    """A checkpoint file that is truncated, corrupt or not a checkpoint at all."""
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """A pickle that would import or call code beyond tensors and plain containers: refused."""
+
+
+# ------------------------------------------------------------------------------------------------
+# What is wrong with a file
+# ------------------------------------------------------------------------------------------------
+
+def _is_safetensors(path: Path, head: bytes, size: int) -> bool:
+    if path.suffix == '.safetensors':
+        return True
+    # 8-byte little-endian header length, then the JSON header
+    return len(head) >= 9 and head[8:9] == b'{' and int.from_bytes(head[:8], 'little') < size
+
+
+def _safetensors_problem(path: Path, size: int) -> Optional[str]:
+    with open(path, 'rb') as f:
+        header_len = int.from_bytes(f.read(8), 'little')
+        if size < 8 + header_len:
+            return (f"truncated: its safetensors header announces {header_len} bytes but the file has "
+                    f"{size} bytes in all")
+        try:
+            header = json.loads(f.read(header_len))
+            ends = [int(v['data_offsets'][1]) for k, v in header.items() if k != '__metadata__']
+        except (ValueError, KeyError, TypeError, IndexError) as err:
+            return f"corrupt: its safetensors header is not valid ({type(err).__name__}: {err})"
+    need = 8 + header_len + max(ends, default=0)
+    if size < need:
+        return f"truncated: its tensors need {need} bytes, the file has {size}"
+    return None
+
+
+def _zip_problem(path: Path, size: int) -> Optional[str]:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()  # reads every member and checks its CRC
+    except (zipfile.BadZipFile, EOFError, OSError) as err:
+        return (f"truncated or corrupt: torch.save's zip container is incomplete ({err}; {size} bytes "
+                f"on disk)")
+    if bad is not None:
+        return f"corrupt: the archive member {bad!r} fails its CRC check"
+    return None
+
+
+def diagnose_checkpoint_file(path: PathLike) -> Optional[str]:
+    """Why ``path`` is not a complete checkpoint file, or ``None`` when its container looks intact.
+
+    Checks torch.save's zip format (``.pt/.pth/.bin/.ckpt``) member by member and a safetensors
+    file's header against its size; an old-style (non-zip) torch pickle cannot be checked this way.
+    """
+    path = Path(path)
+    if not path.exists():
+        return 'it does not exist'
+    if not path.is_file():
+        return 'it is not a file'
+    size = path.stat().st_size
+    if size == 0:
+        return 'the file is empty (0 bytes): truncated'
+    with open(path, 'rb') as f:
+        head = f.read(9)
+    if head[:4] == b'PK\x03\x04':
+        return _zip_problem(path, size)
+    if _is_safetensors(path, head, size):
+        return _safetensors_problem(path, size)
+    if head[:1] == b'\x80':  # a pickle (protocol >= 2): torch's legacy format or a bare pickle
+        return None
+    if head.startswith(b'version https://git-lfs'):
+        return 'it is a git-lfs pointer, not the weights (run `git lfs pull`)'
+    return 'not a checkpoint: neither torch.save\'s zip format, safetensors nor a pickle'
+
+
+# ------------------------------------------------------------------------------------------------
+# Turning a library's load error into one that names the file and the reason
+# ------------------------------------------------------------------------------------------------
+
+def _chain(err: BaseException) -> Iterator[BaseException]:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def _refused_globals(path: Path, err: BaseException) -> Optional[List[str]]:
+    """The globals a weights-only load refused, or None when ``err`` is no such refusal."""
+    refusals = []
+    for e in _chain(err):
+        text = str(e)
+        if isinstance(e, UnsafeCheckpointError):
+            return None  # already explained
+        if ('Weights only load failed' in text or 'weights_only=True blocked' in text
+                or 'Unsupported global' in text or 'unrecognized function' in text):
+            refusals.append(text)
+    if not refusals:
+        return None
+    found = [g for text in refusals for g in re.findall(r'GLOBAL ([\w.]+)', text)]
+    found += [g for text in refusals for g in re.findall(r'unrecognized function (\S+)', text)]
+    if not found:
+        try:
+            found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # noqa: BLE001 - only an explanation; the refusal stands either way
+            found = _pickle_globals(path)
+    return sorted(set(found)) or ['(unknown)']
+
+
+def _pickle_globals(path: Path) -> List[str]:
+    """The non-allowlisted globals a (legacy torch or bare) pickle names, read statically with
+    pickletools: nothing is imported or run. Best effort: an explanation, not a safety check."""
+    import pickletools
+
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+        allowed = set(_get_allowed_globals())
+    except Exception:  # noqa: BLE001
+        allowed = set()
+    found: List[str] = []
+    with open(path, 'rb') as f:
+        for _ in range(8):  # torch's legacy format is a few pickles in a row, then raw storages
+            strings: List[Any] = []
+            memo: dict = {}
+            ops = 0
+            try:
+                for op, arg, _ in pickletools.genops(f):
+                    ops += 1
+                    if op.name in ('GLOBAL', 'INST'):
+                        found.append(str(arg).replace(' ', '.'))
+                    elif op.name == 'STACK_GLOBAL' and len(strings) >= 2:
+                        found.append(f'{strings[-2]}.{strings[-1]}')
+                    elif op.name == 'MEMOIZE' and strings:
+                        memo[len(memo)] = strings[-1]
+                    elif op.name in ('BINPUT', 'LONG_BINPUT', 'PUT') and strings:
+                        memo[arg] = strings[-1]
+                    elif op.name in ('BINGET', 'LONG_BINGET', 'GET') and arg in memo:
+                        strings.append(memo[arg])
+                    elif isinstance(arg, str):
+                        strings.append(arg)
+            except Exception:  # noqa: BLE001 - past the pickles (legacy storages) or corrupt
+                break
+            if ops == 0:
+                break
+    return [g for g in found if g not in allowed]
+
+
+def checkpoint_error(path: PathLike, err: BaseException) -> Optional[Exception]:
+    """An error naming ``path`` and what is wrong with it, for a failed load; ``None`` when the file
+    is fine (the failure is elsewhere and ``err`` should propagate as it is)."""
+    path = Path(path)
+    refused = _refused_globals(path, err)
+    if refused is not None:
+        return UnsafeCheckpointError(
+            f"refused to load {path}: it is not a plain weights file; unpickling it would import or call "
+            f"{', '.join(refused)}. diffvision reads checkpoints with torch.load(weights_only=True) or "
+            f"safetensors and never runs code from a checkpoint. If you made this file yourself, re-save "
+            f"its tensors (a state dict) or convert it to safetensors.")
+    problem = diagnose_checkpoint_file(path) if path.exists() else None
+    if problem is None and any(isinstance(e, EOFError) or 'Ran out of input' in str(e) for e in _chain(err)):
+        problem = 'truncated: the pickle ends early'
+    if problem is None:
+        return None
+    return CorruptCheckpointError(f"cannot load checkpoint {path}: {problem}. Re-save or re-download it.")
+
+
+@contextlib.contextmanager
+def checkpoint_errors(*paths: PathLike) -> Iterator[None]:
+    """Re-raise a load failure from timm / diffusers / Lightning as ``checkpoint_error`` of the first
+    broken file among ``paths`` (local files; others are skipped); other errors pass unchanged."""
+    try:
+        yield
+    except (CorruptCheckpointError, UnsafeCheckpointError):
+        raise
+    except Exception as err:
+        for path in paths:
+            if path is None or not isinstance(path, (str, os.PathLike)) or not Path(path).is_file():
+                continue
+            translated = checkpoint_error(path, err)
+            if translated is not None:
+                raise translated from err
+        raise
+
+
+def load_checkpoint_file(path: PathLike, map_location: Any = 'cpu', mmap: bool = False) -> Any:
+    """Read a checkpoint safely: safetensors, or ``torch.load(weights_only=True)``.
+
+    Raises ``FileNotFoundError``, ``UnsafeCheckpointError`` (a pickle with code or unknown globals)
+    or ``CorruptCheckpointError`` (truncated / corrupt), each naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist" if not path.exists()
+                                else f"checkpoint {path} is not a file")
+    with checkpoint_errors(path):
+        with open(path, 'rb') as f:
+            head = f.read(9)
+        if _is_safetensors(path, head, path.stat().st_size):
+            from safetensors.torch import load_file
+
+            device = map_location if isinstance(map_location, (str, torch.device)) else 'cpu'
+            return load_file(str(path), device=str(device))
+        kwargs = dict(mmap=True) if mmap and head[:4] == b'PK\x03\x04' else {}
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True, **kwargs)
+        except Exception as err:
+            translated = checkpoint_error(path, err)
+            if translated is None:  # intact and safe, yet unreadable: still name the file
+                translated = CorruptCheckpointError(
+                    f"cannot load checkpoint {path}: {type(err).__name__}: {err}")
+            raise translated from err

@@ -1,0 +1,139 @@
+"""The experiment runners: sweep specs -> CLI runs -> result.json (skip / resume), and FID of a checkpoint."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from _training_data import CONFIGS, QUIET, make_cifar_npz
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "train" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+sweep = _load("sweep")
+
+
+def write_spec(path: Path, **overrides) -> Path:
+    spec = dict(task="classification", config=str(CONFIGS / "cifar10_vit_fractions.yaml"),
+                kinds={"standard": "vit_tiny_patch4_32",
+                       "diff": {"model": "diff_vit_tiny_patch4_32", "model_kwargs": {"num_heads": 1}}},
+                epochs={0.1: 4, 1.0: 1}, validations=2, seeds=[0, 1])
+    spec.update(overrides)
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_spec_jobs_and_commands(tmp_path):
+    spec = sweep.load_spec(write_spec(tmp_path / "s.yaml"))
+    jobs = sweep.build_jobs(spec, tmp_path / "runs", None, None, None, ["--data.root", "D"])
+    assert len(jobs) == 2 * 2 * 2
+    # longest first (cost = fraction x epochs): the short runs fill the gaps at the end
+    assert [j.cost for j in jobs] == sorted((j.cost for j in jobs), reverse=True)
+    assert {j.name for j in jobs} >= {"standard_f010_s0", "diff_f100_s1"}
+    job = next(j for j in jobs if j.name == "diff_f010_s1")
+    assert job.epochs == 4 and job.val_every == 2  # 2 validations, the last at the final epoch
+    cmd = sweep.fit_command(spec, job)
+    assert cmd[cmd.index("--data.data_fraction") + 1] == "0.1" and cmd[cmd.index("--seed_everything") + 1] == "1"
+    assert cmd[cmd.index("--data.fraction_seed") + 1] == "1"  # the seed picks the subset too: kinds are paired
+    kwargs = json.loads(cmd[cmd.index("--model.init_args.model_kwargs") + 1])
+    assert kwargs == {"depth": 6, "drop_path_rate": 0.1, "num_heads": 1}  # per-kind keywords over the config's
+    assert cmd[-4:] == ["--data.root", "D", "--ckpt_path", "last"]
+    only = sweep.build_jobs(spec, tmp_path, ["diff"], [1.0], [0], ["--trainer.max_epochs", "3"])
+    assert [(j.name, j.epochs) for j in only] == [("diff_f100_s0", 3)]  # an override after -- wins
+
+
+@pytest.mark.parametrize("epochs, validations, interval", [(20, 10, 2), (500, 10, 50), (7, 10, 1), (50, 10, 5),
+                                                           (30, 4, 6), (9, 2, 3)])
+def test_validation_interval_divides_the_epochs(epochs, validations, interval):
+    assert sweep.validation_interval(epochs, validations) == interval and epochs % interval == 0
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(task="segmentation"), "task must be one of"),
+    (dict(colour="red"), "unknown keys"),
+    (dict(epochs={1.5: 3}), "epochs maps a fraction"),
+    (dict(kinds={"diff": {"name": "x"}}), "kinds.diff"),
+])
+def test_bad_specs_are_refused(tmp_path, change, message):
+    with pytest.raises(ValueError, match=message):
+        spec = sweep.load_spec(write_spec(tmp_path / "s.yaml", **change))
+        sweep.build_jobs(spec, tmp_path, None, None, None, [])
+    assert sweep.fraction_tag(0.01) == "001" and sweep.fraction_tag(0.125) == "012p500"
+
+
+def test_unknown_selection_is_refused(tmp_path):
+    spec = sweep.load_spec(write_spec(tmp_path / "s.yaml"))
+    with pytest.raises(SystemExit, match="unknown kind"):
+        sweep.build_jobs(spec, tmp_path, ["gda"], None, None, [])
+
+
+def test_sweep_runs_writes_results_and_skips_finished_runs(tmp_path, capsys):
+    data = make_cifar_npz(tmp_path / "cifar", per_class_train=4, per_class_test=2)
+    spec_path = write_spec(tmp_path / "s.yaml", kinds={"diff": "diff_vit_tiny_patch4_32"}, epochs={0.5: 2},
+                           seeds=[3])
+    extra = ["--data.root", str(data), "--data.cache_dir", str(tmp_path / "cache"), "--data.num_workers", "0",
+             "--data.batch_size", "10", "--data.eval_batch_size", "10", "--trainer.precision", "32-true",
+             "--model.init_args.model_kwargs", "{depth: 1, embed_dim: 32, num_heads: 1}", *QUIET]
+    root = tmp_path / "runs"
+    argv = [str(spec_path), "--root", str(root), "--gpus", "--", *extra]
+    assert sweep.main(argv) == 0
+    result = json.loads((root / "diff_f050_s3" / "result.json").read_text())
+    metrics = sweep.read_epoch_metrics(root / "diff_f050_s3" / "version_0")
+    assert result["final"]["val/acc1"] == metrics[1]["val/acc1"] and result["epochs"] == 2
+    assert result["fraction"] == 0.5 and result["seed"] == 3 and result["kind"] == "diff"
+    model = torch.load(root / "diff_f050_s3" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert result["params"] == sum(v.numel() for k, v in model["state_dict"].items() if k.startswith("model."))
+    subset = json.loads((root / "diff_f050_s3" / "version_0" / "subset_indices.json").read_text())
+    assert subset["data_fraction"] == 0.5 and subset["fraction_seed"] == 3 and subset["num_samples"] == 20
+    assert "--ckpt_path last" in result["command"]
+    capsys.readouterr()
+    assert sweep.main(argv) == 0  # everything done: nothing runs again
+    assert "1 skipped" in capsys.readouterr().out
+    assert sorted(p.name for p in (root / "diff_f050_s3").glob("version_*")) == ["version_0"]
+
+
+def test_fid_eval_of_a_checkpoint(tmp_path):
+    """train/fid_eval.py: balanced classes from the EMA pipeline, FID against the reference split, a grid."""
+    import lightning.pytorch as pl
+
+    from diffvision.data import ImageDataModule
+    from diffvision.lightning import DiffusionModule
+
+    fid_eval = _load("fid_eval")
+    data = make_cifar_npz(tmp_path / "cifar", per_class_train=2, per_class_test=1)
+    dm = ImageDataModule("cifar10_npz", root=str(data), augment="diffusion", batch_size=10, num_workers=0,
+                         cache_dir=str(tmp_path / "cache"))
+    module = DiffusionModule(transformer_kwargs={"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 8,
+                                                 "patch_size": 8}, sample_steps=2, num_sample_images=0,
+                             fid_num_samples=0)
+    trainer = pl.Trainer(max_steps=1, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, dm)
+    ckpt = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(ckpt)
+    out = tmp_path / "fid.json"
+    assert fid_eval.main([str(ckpt), "--num-samples", "20", "--steps", "2", "--batch-size", "10",
+                          "--reference-limit", "12", "--out", str(out), "--data-root", str(data)]) == 0
+    summary = json.loads(out.read_text())
+    assert np.isfinite(summary["fid"]) and summary["fid"] > 0
+    assert summary["fid_num_samples"] == 20 and summary["fid_reference"] == "cifar10_npz train (12 images)"
+    from PIL import Image
+
+    grid = Image.open(summary["grid"])  # one row per class, 2 samples of each (20 samples, 10 classes)
+    assert grid.size == (2 * 33 + 1, 10 * 33 + 1)
+    with pytest.raises(SystemExit):
+        fid_eval.main([str(tmp_path / "missing.ckpt")])

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Issue 7's experiments on a GPU machine, stage by stage (each fits a 10-minute slot on one or two H100s).
+#
+#   bash train/experiments.sh smoke      # environment + a few epochs of everything (speed numbers)
+#   bash train/experiments.sh classify   # CIFAR-10 data-fraction sweep (configs/sweeps/cifar10_fractions.yaml)
+#   bash train/experiments.sh generate   # DiT vs DIFF-DiT vs GDA-DiT + FID-10k (configs/sweeps/cifar10_dit.yaml)
+#   python train/report.py runs/sweeps/cifar10_fractions runs/sweeps/cifar10_dit --out docs/results
+#
+# Environment: DATA_ROOT (CIFAR-10 npz directory, default ../shared/data/cifar10), JOBS_PER_GPU,
+# TIME_LIMIT (seconds; unfinished runs resume on the next call), OUT (where a tarball of the small
+# result files goes, default runs/out). Runs resume / skip what is already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+STAGE=${1:?usage: train/experiments.sh smoke|classify|generate [sweep args...]}; shift || true
+DATA_ROOT=${DATA_ROOT:-../shared/data/cifar10}
+OUT=${OUT:-runs/out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+
+pack() {  # the small files of finished runs: results, metrics, configs, subsets, logs, sample grids
+  tar czf "$OUT/$1.tgz" --exclude='*.ckpt' --exclude='events.out.*' "${@:2}" 2>/dev/null || true
+}
+
+case "$STAGE" in
+  smoke)
+    nvidia-smi --query-gpu=name,memory.total --format=csv
+    $PY -c "import torch, timm, lightning, torchmetrics, diffusers, jsonargparse, triton; print('torch', torch.__version__, 'timm', timm.__version__, 'lightning', lightning.__version__, 'diffusers', diffusers.__version__, 'triton', triton.__version__, 'gpus', torch.cuda.device_count())"
+    # classification: 3 kinds side by side on GPU 0, one alone on GPU 1 (2 epochs of 100%)
+    $PY train/sweep.py configs/sweeps/cifar10_fractions.yaml --root runs/smoke/classify --fractions 1.0 --seeds 0 \
+        --gpus 0 --jobs-per-gpu 3 -- --data.root "$DATA_ROOT" --trainer.max_epochs 2 --trainer.check_val_every_n_epoch 1 || true &
+    $PY train/sweep.py configs/sweeps/cifar10_fractions.yaml --root runs/smoke/alone --fractions 1.0 --seeds 1 --kinds diff \
+        --gpus 1 -- --data.root "$DATA_ROOT" --trainer.max_epochs 2 --trainer.check_val_every_n_epoch 1 || true
+    wait
+    # generation: one DiT per GPU for 1 epoch of 10%, FID on 2000 samples vs the 50k training images
+    $PY train/sweep.py configs/sweeps/cifar10_dit.yaml --root runs/smoke/generate --fractions 0.1 --kinds standard diff \
+        --gpus 0 1 -- --data.root "$DATA_ROOT" --trainer.max_epochs 2 --trainer.check_val_every_n_epoch 2 \
+        --model.init_args.fid_num_samples 500 || true
+    ckpt() { ls runs/smoke/classify/$1_f100_s0/version_*/checkpoints/last.ckpt | tail -1; }
+    $PY train/attention_maps.py "$(ckpt standard)" "$(ckpt diff)" --root "$DATA_ROOT" --layer all \
+        --out runs/smoke/attention || true
+    $PY train/report.py runs/smoke/classify runs/smoke/alone runs/smoke/generate --out runs/smoke/report || true
+    pack smoke runs/smoke ;;
+  classify)
+    $PY train/sweep.py configs/sweeps/cifar10_fractions.yaml --jobs-per-gpu "${JOBS_PER_GPU:-6}" \
+        ${TIME_LIMIT:+--time-limit "$TIME_LIMIT"} ${RATE:+--rate "$RATE"} "$@" -- --data.root "$DATA_ROOT" || true
+    pack classify runs/sweeps/cifar10_fractions ;;
+  generate)
+    $PY train/sweep.py configs/sweeps/cifar10_dit.yaml --jobs-per-gpu "${JOBS_PER_GPU:-3}" \
+        ${TIME_LIMIT:+--time-limit "$TIME_LIMIT"} ${RATE:+--rate "$RATE"} "$@" -- --data.root "$DATA_ROOT" || true
+    pack generate runs/sweeps/cifar10_dit ;;
+  *) echo "unknown stage $STAGE; accepted: smoke classify generate" >&2; exit 2 ;;
+esac
