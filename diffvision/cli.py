@@ -106,6 +106,7 @@ class DiffvisionCLI(LightningCLI):
 
     def __init__(self, args=None, run: bool = True, **kwargs: Any) -> None:
         self._resume_version: Optional[int] = None
+        self._checkpoints: dict[str, dict] = {}  # --ckpt_path, read once (memory-mapped) for every check
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})  # a resumed run rewrites its config.yaml
         kwargs.setdefault("trainer_defaults", {"default_root_dir": DEFAULT_ROOT_DIR})
         kwargs.setdefault("auto_configure_optimizers", False)  # the modules configure their own
@@ -143,7 +144,7 @@ class DiffvisionCLI(LightningCLI):
             if "weights_only" in cfg and cfg.get("weights_only") is None:
                 cfg["weights_only"] = True  # Lightning fully unpickles http(s) checkpoints otherwise
             if cfg.get("ckpt_path") and Path(cfg["ckpt_path"]).is_file():
-                load_checkpoint_file(cfg["ckpt_path"], mmap=True)  # names a truncated / corrupt / unsafe file
+                self._read_checkpoint(cfg["ckpt_path"])  # names a truncated / corrupt / unsafe file now
 
     # ---- run layout ----------------------------------------------------------------------------------
 
@@ -182,6 +183,14 @@ class DiffvisionCLI(LightningCLI):
             self._resume_version = version  # continue logging in the same version_N directory
         print(f"resuming from {path}" if subcommand == "fit" else f"{subcommand}: weights from {path}")
 
+    def _read_checkpoint(self, path) -> dict:
+        """``path`` read safely (``load_checkpoint_file``), once: the validity check, the resume step
+        and the subset check share it."""
+        key = str(path)
+        if key not in self._checkpoints:
+            self._checkpoints[key] = load_checkpoint_file(path, mmap=True)
+        return self._checkpoints[key]
+
     def _output_dirs(self) -> list[tuple[Path, str]]:
         """The local directories this subcommand writes to, and what for."""
         cfg = self.config[self.subcommand] if self.subcommand else self.config
@@ -217,8 +226,9 @@ class DiffvisionCLI(LightningCLI):
         # refuse a resume on another data subset before the run's directory is written to
         ckpt_path = self._get(self.config_init, "ckpt_path")
         if ckpt_path and Path(ckpt_path).is_file() and self.datamodule is not None:
-            checkpoint = load_checkpoint_file(ckpt_path, mmap=True)
+            checkpoint = self._read_checkpoint(ckpt_path)
             self.datamodule.load_state_dict(checkpoint.get(type(self.datamodule).__qualname__, {}))
+        self._checkpoints.clear()  # Lightning reads the checkpoint itself to restore it
 
     def _resume_step(self, cfg) -> Optional[int]:
         """The step count (``_batches_that_stepped``, what logged rows carry) of the checkpoint this
@@ -227,7 +237,7 @@ class DiffvisionCLI(LightningCLI):
         if self._resume_version is None or not ckpt_path or not Path(ckpt_path).is_file():
             return None
         try:
-            checkpoint = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=True)
+            checkpoint = self._read_checkpoint(ckpt_path)
         except Exception as err:  # noqa: BLE001 - the checkpoint's own loading reports real problems
             rank_zero_warn(f"could not read the step of {ckpt_path} ({err}); metrics.csv keeps every row")
             return None

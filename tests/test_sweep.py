@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from _training_data import CONFIGS, QUIET, make_cifar_npz
+from diffvision.lightning import read_epoch_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,7 +93,7 @@ def test_sweep_runs_writes_results_and_skips_finished_runs(tmp_path, capsys):
     argv = [str(spec_path), "--root", str(root), "--gpus", "--", *extra]
     assert sweep.main(argv) == 0
     result = json.loads((root / "diff_f050_s3" / "result.json").read_text())
-    metrics = sweep.read_epoch_metrics(root / "diff_f050_s3" / "version_0")
+    metrics = read_epoch_metrics(root / "diff_f050_s3" / "version_0")
     assert result["final"]["val/acc1"] == metrics[1]["val/acc1"] and result["epochs"] == 2
     assert result["fraction"] == 0.5 and result["seed"] == 3 and result["kind"] == "diff"
     model = torch.load(root / "diff_f050_s3" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)

@@ -7,7 +7,7 @@
 model is rebuilt from its hyper-parameters, and its data settings are the default data), or a timm
 model name whose weights come from ``--standard-weights`` / ``--diff-weights`` (a state dict,
 ``.pth``/``.pt``/``.safetensors``, or a ``.ckpt``) with ``--standard-kwargs`` / ``--diff-kwargs``
-(JSON ``create_model`` keywords). Checkpoints are read with ``torch.load(weights_only=True)``.
+(JSON ``create_model`` keywords). Checkpoints are read with ``diffvision.models.load_checkpoint_file`` (safetensors or ``torch.load(weights_only=True)``).
 
 What it writes into ``--out``:
 
@@ -46,6 +46,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 from torch import Tensor
+
+from diffvision.models import load_checkpoint_file
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = "docs/results/attention"
@@ -208,14 +210,6 @@ class LoadedModel:
         return tuple(int(g) for g in self.model.patch_embed.grid_size)
 
 
-def _torch_load(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a pickle with objects weights_only refuses: say so, never unpickle it here
-        raise ValueError(f"{path}: cannot be read with torch.load(weights_only=True) ({err}); save a plain "
-                         f"state dict (torch.save(model.state_dict(), path)) or a diffvision fit checkpoint") from err
-
-
 def _model_state_dict(checkpoint: Any, path: Path) -> dict[str, Tensor]:
     """The timm model's weights from a plain state dict, a {'state_dict'|'model': ...} wrapper or a
     Lightning checkpoint (keys under ``model.``), with torch.compile's ``_orig_mod.`` dropped."""
@@ -233,12 +227,7 @@ def _model_state_dict(checkpoint: Any, path: Path) -> dict[str, Tensor]:
 
 
 def _read_weights(path: Path) -> dict[str, Tensor]:
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return _model_state_dict(load_file(str(path)), path)
-    return _model_state_dict(_torch_load(path), path)
+    return _model_state_dict(load_checkpoint_file(path), path)  # safetensors or weights_only, never code
 
 
 def read_checkpoint(spec: str) -> Optional[dict]:
@@ -246,9 +235,7 @@ def read_checkpoint(spec: str) -> Optional[dict]:
     path = Path(spec)
     if path.suffix != ".ckpt":
         return None
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    checkpoint = _torch_load(path)
+    checkpoint = load_checkpoint_file(path)
     if not isinstance(checkpoint, dict) or "hyper_parameters" not in checkpoint or "state_dict" not in checkpoint:
         raise ValueError(f"{path}: not a Lightning checkpoint of an ImageClassifier (no hyper_parameters / "
                          f"state_dict); pass a timm model name with --*-weights for plain state dicts")

@@ -36,6 +36,7 @@ from diffvision.data import ImageDataModule, load_split  # noqa: E402
 from diffvision.lightning.diffusion import SAMPLERS, DiffusionModule  # noqa: E402
 from diffvision.metrics import build_fid  # noqa: E402
 from diffvision.metrics.fid import cache_dir  # noqa: E402
+from diffvision.models import load_checkpoint_file  # noqa: E402
 
 REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
 
@@ -53,7 +54,7 @@ def load_reference(fid, dm: ImageDataModule, split: str, batch_size: int, device
     key = reference_key(dm.dataset, dm.root, split, dm.img_size)
     path = cache_dir() / "fid_reference" / f"{dm.dataset}-{split}-{key}{f'-first{limit}' if limit else ''}.pt"
     if path.is_file():
-        states = torch.load(path, map_location=device, weights_only=True)
+        states = load_checkpoint_file(path, map_location=device)
         for name in REAL_STATES:
             getattr(fid, name).copy_(states[name])
         return int(states["real_features_num_samples"])
@@ -121,7 +122,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     t0 = time.time()
     module = DiffusionModule.load_from_checkpoint(args.checkpoint, map_location=device)
     hp = module.hparams
-    checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    checkpoint = load_checkpoint_file(args.checkpoint, mmap=True)
     data_hp = dict(checkpoint.get("datamodule_hyper_parameters") or {})
     dataset = data_hp.get("dataset", "cifar10_npz")
     root = args.data_root or data_hp.get("root")

@@ -54,20 +54,9 @@ def ensure_fashion_mnist() -> None:
     print(f"Fashion-MNIST: installed into {DEBIAN_DIR}")
 
 
-def read_metrics(log_dir: Path) -> dict[int, dict[str, float]]:
-    """metrics.csv -> {epoch: {metric: value}} (epoch-level rows of the CSV logger)."""
-    per_epoch: dict[int, dict[str, float]] = {}
-    with open(log_dir / "metrics.csv", newline="") as f:
-        for row in csv.DictReader(f):
-            if not row.get("epoch"):
-                continue
-            values = per_epoch.setdefault(int(row["epoch"]), {})
-            values.update({k: float(v) for k, v in row.items() if v and k not in ("epoch", "step")})
-    return per_epoch
-
-
 def train(label: str, config: str, args, out: Path) -> dict:
     from diffvision.cli import DiffvisionCLI
+    from diffvision.lightning import read_epoch_metrics
 
     argv = [
         "fit", "--config", str(REPO / "configs" / f"{config}.yaml"),
@@ -93,7 +82,7 @@ def train(label: str, config: str, args, out: Path) -> dict:
     cli = DiffvisionCLI(args=argv)
     seconds = time.perf_counter() - start
     log_dir = Path(cli.trainer.log_dir)
-    metrics = read_metrics(log_dir)
+    metrics = read_epoch_metrics(log_dir)
     last = max(metrics)
     best = max(metrics, key=lambda e: metrics[e].get("val/acc1", -1))
     params = sum(p.numel() for p in cli.model.model.parameters())

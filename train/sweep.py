@@ -23,9 +23,7 @@ Generation specs (``task: generation``) also sample with the diffusers pipeline 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import math
 import os
 import shlex
 import signal
@@ -188,33 +186,14 @@ def latest_version(job: Job) -> Optional[Path]:
     return versions[-1] if versions else None
 
 
-def read_epoch_metrics(log_dir: Path) -> dict[int, dict[str, float]]:
-    """metrics.csv -> {epoch: {metric: value}}, merging the logger's sparse rows."""
-    per_epoch: dict[int, dict[str, float]] = {}
-    path = log_dir / "metrics.csv"
-    if not path.is_file():
-        return per_epoch
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            if not row.get("epoch"):
-                continue
-            metrics = per_epoch.setdefault(int(float(row["epoch"])), {})
-            for key, value in row.items():
-                if key not in ("epoch", "step") and value not in ("", None):
-                    metrics[key] = float(value)
-            if row.get("step"):
-                metrics["step"] = max(metrics.get("step", 0.0), float(row["step"]))
-    return per_epoch
-
-
 def count_parameters(spec: dict, log_dir: Path) -> Optional[int]:
     """Parameters of the trained network, from its ``last.ckpt`` (EMA copies left out)."""
     ckpt = log_dir / "checkpoints" / "last.ckpt"
     if not ckpt.is_file():
         return None
-    import torch
+    from diffvision.models import load_checkpoint_file
 
-    state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
+    state = load_checkpoint_file(ckpt, mmap=True)["state_dict"]
     prefix = "model." if spec["task"] == "classification" else "transformer."
     return sum(v.numel() for k, v in state.items() if k.startswith(prefix))
 
@@ -228,6 +207,8 @@ def device_name() -> str:
 
 
 def write_result(spec: dict, job: Job, command: list[str], wall_s: float) -> dict:
+    from diffvision.lightning.loggers import read_epoch_metrics
+
     log_dir = latest_version(job)
     metrics = read_epoch_metrics(log_dir)
     final = metrics.get(job.epochs - 1, {})

@@ -2,7 +2,7 @@
 from .callbacks import ExportOnFitEnd, LastCheckpoint, PredictionWriter, StopAfterEpochs, export_module
 from .classifier import ImageClassifier, create_classifier
 from .diffusion import DiffusionModule, GaussianDiffusionTerms
-from .loggers import ResumableCSVLogger
+from .loggers import ResumableCSVLogger, read_epoch_metrics
 from .optim import lr_factor, param_groups
 
 __all__ = [
@@ -18,4 +18,5 @@ __all__ = [
     "export_module",
     "lr_factor",
     "param_groups",
+    "read_epoch_metrics",
 ]

@@ -11,7 +11,27 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-__all__ = ["ResumableCSVLogger"]
+__all__ = ["ResumableCSVLogger", "read_epoch_metrics"]
+
+
+def read_epoch_metrics(log_dir) -> dict[int, dict[str, float]]:
+    """A run's ``metrics.csv`` as ``{epoch: {metric: value}}``, merging the logger's sparse rows (the
+    last value of an epoch wins); ``"step"`` is the epoch's last logged step. {} when there is no file."""
+    per_epoch: dict[int, dict[str, float]] = {}
+    path = os.path.join(log_dir, "metrics.csv")
+    if not os.path.isfile(path):
+        return per_epoch
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            if not row.get("epoch"):
+                continue
+            metrics = per_epoch.setdefault(int(float(row["epoch"])), {})
+            for key, value in row.items():
+                if key not in ("epoch", "step") and value not in ("", None):
+                    metrics[key] = float(value)
+            if row.get("step"):
+                metrics["step"] = max(metrics.get("step", 0.0), float(row["step"]))
+    return per_epoch
 
 
 class _AppendingExperimentWriter(ExperimentWriter):
