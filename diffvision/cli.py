@@ -45,7 +45,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from .data import ImageDataModule
 from .lightning.callbacks import LastCheckpoint
-from .lightning.loggers import ResumableCSVLogger
+from .lightning.loggers import ResumableCSVLogger, wait_past_event_files
 from .models import load_checkpoint_file
 
 __all__ = ["DiffvisionCLI", "main", "find_last_checkpoint", "check_writable_dir", "checkpoint_size_estimate"]
@@ -252,6 +252,8 @@ class DiffvisionCLI(LightningCLI):
         purge = {"purge_step": resume_step} if resume_step is not None else {}
         tensorboard = TensorBoardLogger(save_dir=str(root), name=name, version=self._resume_version,
                                         default_hp_metric=False, **purge)
+        if purge:  # the resumed run's event file must sort after the killed run's
+            wait_past_event_files(tensorboard.log_dir)
         csv = ResumableCSVLogger(save_dir=str(root), name=name, version=tensorboard.version,
                                  resume_step=resume_step)
         return [tensorboard, csv]

@@ -238,10 +238,11 @@ class _RecordParams(pl.Callback):
         self.history.append({k: v.detach().double().clone() for k, v in module.transformer.named_parameters()})
 
 
-def test_ema_is_the_exponential_average_of_the_trajectory(data, tmp_path):
+@pytest.mark.parametrize("warmup", [False, True])
+def test_ema_is_the_exponential_average_of_the_trajectory(data, tmp_path, warmup):
     module = DiffusionModule(transformer_kwargs={"num_layers": 1, "num_attention_heads": 6, "attention_head_dim": 8,
                                                  "patch_size": 4}, img_size=32, in_chans=3, num_classes=10,
-                             ema_decay=0.8, num_sample_images=0, fid_num_samples=0)
+                             ema_decay=0.8, ema_warmup=warmup, num_sample_images=0, fid_num_samples=0)
     dm = ImageDataModule("cifar10_npz", root=str(data.cifar), augment="diffusion", batch_size=10, num_workers=0,
                          cache_dir=str(data.cache))
     recorder = _RecordParams()
@@ -250,12 +251,23 @@ def test_ema_is_the_exponential_average_of_the_trajectory(data, tmp_path):
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[recorder])
     trainer.fit(module, dm)
     assert len(recorder.history) == 4
-    ema = dict(recorder.history[0])  # the first update copies the weights
-    for params in recorder.history[1:]:
-        ema = {k: 0.8 * ema[k] + 0.2 * params[k] for k in ema}
+    names = list(recorder.history[0])
+    if warmup:  # the reference: diffusers' EMAModel, whose default decay is min(decay, (1 + n) / (10 + n))
+        from diffusers.training_utils import EMAModel
+
+        start = [torch.zeros_like(recorder.history[0][k]).requires_grad_() for k in names]
+        reference = EMAModel(start, decay=0.8)
+        for params in recorder.history:  # its first step has decay 0: a copy, as ours
+            reference.step([params[k].clone().requires_grad_() for k in names])
+        ema = dict(zip(names, reference.shadow_params))
+        assert [round(module.ema_decay_at(n), 6) for n in (1, 2, 3, 100)] == [round(2 / 11, 6), 0.25, round(4 / 13, 6), 0.8]
+    else:
+        ema = dict(recorder.history[0])  # the first update copies the weights
+        for params in recorder.history[1:]:
+            ema = {k: 0.8 * ema[k] + 0.2 * params[k] for k in ema}
     got = dict(module.ema.module.named_parameters())
     for key, value in ema.items():
-        torch.testing.assert_close(got[key].double(), value, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(got[key].double(), value.double(), rtol=1e-6, atol=1e-7)
 
 
 def test_diffusion_needs_images_in_minus_one_one(data):

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter, namedtuple
 from pathlib import Path
 from types import SimpleNamespace
@@ -261,3 +262,31 @@ def test_failing_samples_and_fid_leave_the_training_state_as_without_them(data, 
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     # the interrupted sampler left no module in eval mode
     assert [m.training for m in faulty.model.modules()] == [m.training for m in plain.model.modules()]
+
+
+def test_a_resumed_runs_event_file_sorts_after_the_killed_runs(tmp_path):
+    """TensorBoard reads event files in name order (<second>.<host>.<pid>): a file made in the same second
+    by a smaller pid sorts first, and the killed run's events are then replayed after the resumed ones
+    (seen as [3, 4, 5, 6, 7, 8, 0, 1, 2, 3] in the SIGKILL test above). The CLI waits past that second."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    from diffvision.lightning import wait_past_event_files
+
+    def log(steps, **kw):
+        writer = SummaryWriter(str(tmp_path), **kw)
+        for step in steps:
+            writer.add_scalar("loss", float(step), step)
+        writer.close()
+
+    log(range(6))  # the killed run
+    killed = next(tmp_path.glob("events.out.tfevents.*"))
+    # as if the killed run had a larger pid than the resuming process, in the current second
+    now = int(time.time())
+    killed.rename(tmp_path / f"events.out.tfevents.{now}.host.999999999.0")
+    slept = wait_past_event_files(tmp_path)
+    assert time.time() >= now + 1 and slept > 0
+    log(range(3, 9), purge_step=3)  # the resumed run
+    steps = [e.step for e in EventAccumulator(str(tmp_path)).Reload().Scalars("loss")]
+    assert steps == list(range(9))
+    assert wait_past_event_files(tmp_path / "empty") == 0.0  # nothing to wait for

@@ -33,7 +33,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from diffvision.data import ImageDataModule, load_split  # noqa: E402
-from diffvision.lightning.diffusion import SAMPLERS, DiffusionModule  # noqa: E402
+from diffvision.lightning.diffusion import SAMPLERS, DiffusionModule, build_sampler  # noqa: E402
 from diffvision.metrics import build_fid  # noqa: E402
 from diffvision.metrics.fid import cache_dir  # noqa: E402
 from diffvision.models import load_checkpoint_file  # noqa: E402
@@ -72,10 +72,10 @@ def load_reference(fid, dm: ImageDataModule, split: str, batch_size: int, device
 
 @torch.no_grad()
 def sample(module: DiffusionModule, num_samples: int, scheduler: str, steps: int, guidance_scale: float,
-           batch_size: int, seed: int, device: torch.device):
+           batch_size: int, seed: int, device: torch.device, clip_denoised: bool = True):
     """Yield uint8-quantised float batches in [0, 1] of balanced classes, and the first 10 per class."""
     pipe = module.pipeline(use_ema=True)
-    pipe.scheduler = SAMPLERS[scheduler].from_config(module.noise_scheduler.config)
+    pipe.scheduler = build_sampler(scheduler, module.noise_scheduler.config, clip_denoised)
     pipe.to(device)
     pipe.transformer.eval()
     num_classes = module.hparams.num_classes
@@ -102,6 +102,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--scheduler", choices=sorted(SAMPLERS), default="ddim")
     parser.add_argument("--steps", type=int, default=50, help="denoising steps")
     parser.add_argument("--guidance-scale", type=float, default=1.5, help="classifier-free guidance (1 = off)")
+    parser.add_argument("--clip-denoised", action=argparse.BooleanOptionalAction, default=None,
+                        help="clip each step's predicted x0 to [-1, 1] (default: the checkpoint's clip_denoised, "
+                             "on unless it was trained with it off)")
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reference", default="train", help="split of the training data to compare with")
@@ -132,8 +135,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     num_real = load_reference(fid, dm, args.reference, args.batch_size, device, args.reference_limit)
     t_ref = time.time()
     grid_images, grid_labels = [], []
+    clip = hp.get("clip_denoised", True) if args.clip_denoised is None else args.clip_denoised
     for images, labels in sample(module, args.num_samples, args.scheduler, args.steps, args.guidance_scale,
-                                 args.batch_size, args.seed, device):
+                                 args.batch_size, args.seed, device, clip):
         fid.update(images, real=False)
         if len(grid_labels) < 10 * hp.num_classes:
             grid_images.append(images.cpu())
@@ -143,11 +147,13 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     out = args.out or args.checkpoint.parent.parent / "fid.json"
     grid = args.grid or out.with_name(out.stem + "_samples.png")
+    grid.parent.mkdir(parents=True, exist_ok=True)
     save_grid(torch.cat(grid_images), grid_labels, hp.num_classes, grid)
     summary = {
         "fid": value, "fid_num_samples": args.num_samples,
         "fid_reference": f"{dataset} {args.reference} ({num_real} images)", "scheduler": args.scheduler,
-        "num_inference_steps": args.steps, "guidance_scale": args.guidance_scale, "sample_seed": args.seed,
+        "num_inference_steps": args.steps, "guidance_scale": args.guidance_scale, "clip_denoised": clip,
+        "sample_seed": args.seed,
         "checkpoint": str(args.checkpoint), "global_step": int(checkpoint.get("global_step", -1)),
         "sampling_s": round(t_end - t_ref, 1), "reference_s": round(t_ref - t0, 1), "grid": str(grid),
     }

@@ -9,7 +9,7 @@ runner when the run finished) and, for classification, the Lightning CSV log
 ``{"val/acc1", "val/loss"}``, ``best`` ``{"val/acc1"}``, ``wall_s``, ``device``, ``command``) or
 ``"task": "generation"`` (``kind``, ``preset``, ``params``, ``fraction``, ``seed``, ``epochs``,
 ``steps``, ``fid``, ``fid_num_samples``, ``fid_reference``, ``scheduler``, ``num_inference_steps``,
-``guidance_scale``, ``wall_s``, ``device``, ``command``, ``fid_vs_step``).
+``guidance_scale``, ``clip_denoised``, ``wall_s``, ``device``, ``command``, ``fid_vs_step``).
 
 Writes into ``--out``:
 
@@ -373,7 +373,8 @@ def generation_markdown(runs: Sequence[Run]) -> list[str]:
                 rows.append([f"{_label(k)} − standard (paired)", "", ""]
                             + [format_mean_std(*paired_delta(runs, f, k), signed=True) for f in fractions])
     settings = {key: _unique(r.result.get(key) for r in runs)
-                for key in ("fid_num_samples", "fid_reference", "scheduler", "num_inference_steps", "guidance_scale")}
+                for key in ("fid_num_samples", "fid_reference", "scheduler", "num_inference_steps", "guidance_scale",
+                            "clip_denoised")}
     lines = ["FID (lower is better), mean ± sample std (number of seeds); paired rows: per-seed difference to the "
              "standard DiT (negative = better than standard).", ""]
     lines += _table(header, rows)
@@ -388,7 +389,7 @@ CLASSIFICATION_COLUMNS = ["experiment", "path", "kind", "model_name", "model_kwa
                           "epochs", "final_acc1", "final_loss", "best_acc1", "wall_s", "device", "command"]
 GENERATION_COLUMNS = ["experiment", "path", "kind", "preset", "params", "fraction", "seed", "epochs", "steps", "fid",
                       "fid_num_samples", "fid_reference", "scheduler", "num_inference_steps", "guidance_scale",
-                      "wall_s", "device", "command"]
+                      "clip_denoised", "wall_s", "device", "command"]
 
 
 def _sorted(runs: Iterable[Run]) -> list[Run]:

@@ -150,6 +150,11 @@ class DiffDiTPipeline(DiffusionPipeline):
             kwargs["generator"] = generator
         if "eta" in accepted:
             kwargs["eta"] = eta
+        config = self.scheduler.config
+        if "use_clipped_model_output" in accepted and (config.get("clip_sample") or config.get("thresholding")):
+            # DDIM with a clipped x̂_0 also re-derives ε from it, as DDIM / ADM's ddim_sample do; diffusers'
+            # default keeps the model's ε, so x̂_0 and ε disagree and the clip's error enters every step
+            kwargs["use_clipped_model_output"] = True
         return kwargs
 
     # ---- sampling --------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 from .callbacks import ExportOnFitEnd, LastCheckpoint, PredictionWriter, StopAfterEpochs, export_module
 from .classifier import ImageClassifier, create_classifier
 from .diffusion import DiffusionModule, GaussianDiffusionTerms
-from .loggers import ResumableCSVLogger, read_epoch_metrics
+from .loggers import ResumableCSVLogger, read_epoch_metrics, wait_past_event_files
 from .optim import lr_factor, param_groups
 
 __all__ = [
@@ -19,4 +19,5 @@ __all__ = [
     "lr_factor",
     "param_groups",
     "read_epoch_metrics",
+    "wait_past_event_files",
 ]

@@ -31,11 +31,28 @@ from ..models._helpers import did_you_mean
 from .loading import WeightsOnlyLoading
 from .optim import build_lr_scheduler, default_adamw, param_groups, run_seed, shows_progress_bar, step_rng, step_seed
 
-__all__ = ["DiffusionModule", "GaussianDiffusionTerms", "SAMPLERS", "default_dit_adamw"]
+__all__ = ["DiffusionModule", "GaussianDiffusionTerms", "SAMPLERS", "build_sampler", "default_dit_adamw"]
 
 log = logging.getLogger(__name__)
 
 SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmsolver": DPMSolverMultistepScheduler}
+
+
+def build_sampler(name: str, train_config, clip_denoised: bool = True):
+    """The sampler ``name`` (``SAMPLERS``) on a training ``DDPMScheduler``'s config.
+
+    ``clip_denoised`` clips each step's predicted x̂_0 to the data range [-1, 1], as DDPM / ADM sample in
+    pixel space: an ε-model's x̂_0 = (x_t − √(1−ᾱ)ε)/√ᾱ amplifies its errors by 1/√ᾱ at high noise, and
+    without the clip a short-trained model's samples drift out of range and come out saturated. DDPM and
+    DDIM have ``clip_sample``; DPM-Solver gets the same clip as thresholding with ``sample_max_value=1``
+    (its dynamic threshold is then always 1).
+    """
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}{did_you_mean(name, SAMPLERS)}; accepted: {list(SAMPLERS)}")
+    cls = SAMPLERS[name]
+    if cls is DPMSolverMultistepScheduler:
+        return cls.from_config(train_config, thresholding=clip_denoised, sample_max_value=1.0)
+    return cls.from_config(train_config, clip_sample=clip_denoised, clip_sample_range=1.0)
 
 
 def default_dit_adamw(params) -> torch.optim.Optimizer:
@@ -149,8 +166,14 @@ class DiffusionModule(WeightsOnlyLoading, pl.LightningModule):
         lr_schedule, warmup_epochs, warmup_steps, min_lr_ratio: as in ``ImageClassifier``
             (default: constant LR, as DiT).
         ema_decay: EMA decay of the weights used for samples, FID and export (DiT: 0.9999).
+        ema_warmup: use ``min(ema_decay, (1 + n) / (10 + n))`` at the n-th update, as diffusers'
+            ``EMAModel`` does by default, so that a short run's EMA is not dominated by the zero-output
+            initialisation and the first, poor weights (with 0.9999, 5% of the EMA is still the
+            initialisation after 30k steps). ``False``: ``ema_decay`` from the second update on.
         sampler: ``"ddim"``, ``"ddpm"`` (uses the learned variance) or ``"dpmsolver"``, built from the
             training scheduler's config; ``sample_steps`` steps.
+        clip_denoised: clip each sampling step's predicted x̂_0 to [-1, 1] (``build_sampler``; DDPM / ADM's
+            pixel-space default). Also set in exported pipelines' scheduler configs.
         num_sample_images: images in the grid logged every ``sample_every_n_epochs`` validation
             epochs (0: no grid), sampled from fixed noise with ``guidance_scale``.
         fid_num_samples: generated (and real held-out) images for FID at validation, every
@@ -178,7 +201,9 @@ class DiffusionModule(WeightsOnlyLoading, pl.LightningModule):
         warmup_steps: int = 0,
         min_lr_ratio: float = 0.0,
         ema_decay: float = 0.9999,
+        ema_warmup: bool = True,
         sampler: str = "ddim",
+        clip_denoised: bool = True,
         sample_steps: int = 50,
         guidance_scale: float = 4.0,
         num_sample_images: int = 16,
@@ -282,12 +307,18 @@ class DiffusionModule(WeightsOnlyLoading, pl.LightningModule):
             self.update_ema()
             self._ema_step = self.global_step
 
+    def ema_decay_at(self, n: int) -> float:
+        """The decay of the update after ``n`` earlier ones (``ema_warmup``: diffusers' ``EMAModel`` rule)."""
+        decay = float(self.hparams.ema_decay)
+        return min(decay, (1 + n) / (10 + n)) if self.hparams.get("ema_warmup", True) else decay
+
     @torch.no_grad()
     def update_ema(self) -> None:
         """``self.ema.update_parameters(self.transformer)`` with the same arithmetic (the first update
-        copies the weights, later ones apply the EMA's ``multi_avg_fn`` per device and dtype group),
-        minus its two device synchronisations per call: ``AveragedModel`` tests its on-device counter
-        ``n_averaged`` on the host; here a host copy of it is kept (read once per fit)."""
+        copies the weights, later ones apply ``get_ema_multi_avg_fn(decay)`` per device and dtype group, the
+        decay from ``ema_decay_at``), minus its two device synchronisations per call: ``AveragedModel``
+        tests its on-device counter ``n_averaged`` on the host; here a host copy of it is kept (read once
+        per fit)."""
         if self._ema_count is None:
             self._ema_count = int(self.ema.n_averaged)
         ema = [t.detach() for t in itertools.chain(self.ema.module.parameters(), self.ema.module.buffers())]
@@ -296,8 +327,9 @@ class DiffusionModule(WeightsOnlyLoading, pl.LightningModule):
             for e, m in zip(ema, model):
                 e.copy_(m)
         else:
+            average = get_ema_multi_avg_fn(self.ema_decay_at(self._ema_count))
             for (_, _), ([ema_group, model_group], _) in _group_tensors_by_device_and_dtype([ema, model]).items():
-                self.ema.multi_avg_fn(ema_group, model_group, self.ema.n_averaged)
+                average(ema_group, model_group, self.ema.n_averaged)
         self.ema.n_averaged += 1
         self._ema_count += 1
 
@@ -402,9 +434,11 @@ class DiffusionModule(WeightsOnlyLoading, pl.LightningModule):
 
     # ---- sampling ----------------------------------------------------------------------------------
 
-    def sampling_scheduler(self):
-        """The sampler (``hparams.sampler``) with the training noise schedule."""
-        return SAMPLERS[self.hparams.sampler].from_config(self.noise_scheduler.config)
+    def sampling_scheduler(self, name: Optional[str] = None):
+        """The sampler ``name`` (default ``hparams.sampler``) with the training noise schedule and
+        ``hparams.clip_denoised`` (checkpoints from before that setting sample with the clip)."""
+        return build_sampler(name or self.hparams.sampler, self.noise_scheduler.config,
+                             self.hparams.get("clip_denoised", True))
 
     def pipeline(self, use_ema: bool = True):
         """A ``DiffDiTPipeline`` on the EMA (or online) weights and the configured sampler."""

@@ -1,9 +1,12 @@
-"""A CSV logger that keeps ``metrics.csv`` when a run resumes into its own log directory."""
+"""A CSV logger that keeps ``metrics.csv`` when a run resumes into its own log directory, and the
+TensorBoard event-file ordering a resumed run needs."""
 from __future__ import annotations
 
 import csv
 import io
 import os
+import time
+from pathlib import Path
 from typing import Optional
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
@@ -11,7 +14,30 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-__all__ = ["ResumableCSVLogger", "read_epoch_metrics"]
+__all__ = ["ResumableCSVLogger", "read_epoch_metrics", "wait_past_event_files"]
+
+EVENT_FILE_PREFIX = "events.out.tfevents."
+
+
+def wait_past_event_files(log_dir, max_wait_s: float = 2.0) -> float:
+    """Sleep until the clock's whole second is past that of every TensorBoard event file in ``log_dir``;
+    returns the seconds slept.
+
+    TensorBoard reads a run's event files in name order, and a name is ``events.out.tfevents.<second>.
+    <host>.<pid>...``. A resumed run whose file is created in the same second as the killed run's can
+    sort first (a smaller pid), and TensorBoard then replays the killed run's events after the resumed
+    ones, undoing ``purge_step``. A file dated later than ``max_wait_s`` from now (a clock change) is
+    not waited for."""
+    seconds = []
+    for path in Path(log_dir).glob(EVENT_FILE_PREFIX + "*"):
+        stamp = path.name[len(EVENT_FILE_PREFIX):].split(".", 1)[0]
+        if stamp.isdigit():
+            seconds.append(int(stamp))
+    delay = (max(seconds) + 1 - time.time()) if seconds else 0.0
+    if 0 < delay <= max_wait_s:
+        time.sleep(delay)
+        return delay
+    return 0.0
 
 
 def read_epoch_metrics(log_dir) -> dict[int, dict[str, float]]:
