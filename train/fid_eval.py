@@ -33,7 +33,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from diffvision.data import ImageDataModule, load_split  # noqa: E402
-from diffvision.lightning.diffusion import SAMPLERS, DiffusionModule, build_sampler  # noqa: E402
+from diffvision.lightning.diffusion import SAMPLERS, DiffusionModule  # noqa: E402
 from diffvision.metrics import build_fid  # noqa: E402
 from diffvision.metrics.fid import cache_dir  # noqa: E402
 from diffvision.models import load_checkpoint_file  # noqa: E402
@@ -75,7 +75,7 @@ def sample(module: DiffusionModule, num_samples: int, scheduler: str, steps: int
            batch_size: int, seed: int, device: torch.device, clip_denoised: bool = True):
     """Yield uint8-quantised float batches in [0, 1] of balanced classes, and the first 10 per class."""
     pipe = module.pipeline(use_ema=True)
-    pipe.scheduler = build_sampler(scheduler, module.noise_scheduler.config, clip_denoised)
+    pipe.scheduler = module.sampling_scheduler(scheduler, clip_denoised)
     pipe.to(device)
     pipe.transformer.eval()
     num_classes = module.hparams.num_classes
@@ -135,7 +135,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     num_real = load_reference(fid, dm, args.reference, args.batch_size, device, args.reference_limit)
     t_ref = time.time()
     grid_images, grid_labels = [], []
-    clip = hp.get("clip_denoised", True) if args.clip_denoised is None else args.clip_denoised
+    clip = module.clip_denoised if args.clip_denoised is None else args.clip_denoised
     for images, labels in sample(module, args.num_samples, args.scheduler, args.steps, args.guidance_scale,
                                  args.batch_size, args.seed, device, clip):
         fid.update(images, real=False)

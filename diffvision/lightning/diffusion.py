@@ -38,6 +38,13 @@ log = logging.getLogger(__name__)
 SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmsolver": DPMSolverMultistepScheduler}
 
 
+def sampler_class(name: str):
+    """``SAMPLERS[name]``, or a ValueError that names the accepted samplers."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}{did_you_mean(name, SAMPLERS)}; accepted: {list(SAMPLERS)}")
+    return SAMPLERS[name]
+
+
 def build_sampler(name: str, train_config, clip_denoised: bool = True):
     """The sampler ``name`` (``SAMPLERS``) on a training ``DDPMScheduler``'s config.
 
@@ -47,9 +54,7 @@ def build_sampler(name: str, train_config, clip_denoised: bool = True):
     DDIM have ``clip_sample``; DPM-Solver gets the same clip as thresholding with ``sample_max_value=1``
     (its dynamic threshold is then always 1).
     """
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}{did_you_mean(name, SAMPLERS)}; accepted: {list(SAMPLERS)}")
-    cls = SAMPLERS[name]
+    cls = sampler_class(name)
     if cls is DPMSolverMultistepScheduler:
         return cls.from_config(train_config, thresholding=clip_denoised, sample_max_value=1.0)
     return cls.from_config(train_config, clip_sample=clip_denoised, clip_sample_range=1.0)
@@ -219,9 +224,7 @@ class DiffusionModule(WeightsOnlyLoading, pl.LightningModule):
         super().__init__()
         from diffvision.diffusion import DiffDiTTransformer2DModel
 
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}{did_you_mean(sampler, SAMPLERS)}; "
-                             f"accepted: {list(SAMPLERS)}")
+        sampler_class(sampler)  # an unknown name fails here, not at the first validation
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         for name in ("sample_steps", "sample_every_n_epochs", "fid_every_n_epochs", "fid_batch_size"):
@@ -434,11 +437,16 @@ class DiffusionModule(WeightsOnlyLoading, pl.LightningModule):
 
     # ---- sampling ----------------------------------------------------------------------------------
 
-    def sampling_scheduler(self, name: Optional[str] = None):
-        """The sampler ``name`` (default ``hparams.sampler``) with the training noise schedule and
-        ``hparams.clip_denoised`` (checkpoints from before that setting sample with the clip)."""
+    @property
+    def clip_denoised(self) -> bool:
+        """``hparams.clip_denoised`` (checkpoints from before that setting sample with the clip)."""
+        return bool(self.hparams.get("clip_denoised", True))
+
+    def sampling_scheduler(self, name: Optional[str] = None, clip_denoised: Optional[bool] = None):
+        """The sampler ``name`` (default ``hparams.sampler``) with the training noise schedule, clipping x̂_0
+        as ``clip_denoised`` says (default ``self.clip_denoised``)."""
         return build_sampler(name or self.hparams.sampler, self.noise_scheduler.config,
-                             self.hparams.get("clip_denoised", True))
+                             self.clip_denoised if clip_denoised is None else clip_denoised)
 
     def pipeline(self, use_ema: bool = True):
         """A ``DiffDiTPipeline`` on the EMA (or online) weights and the configured sampler."""
