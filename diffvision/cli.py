@@ -14,7 +14,8 @@ What it adds to a plain ``LightningCLI``:
   ``runs``, experiment = the last ``--config`` file's name) with TensorBoard and CSV logs side by
   side, ``config.yaml``, ``subset_indices.json`` and ``checkpoints/``: the best ones by the
   ``checkpoint:`` group (a ``ModelCheckpoint``: set ``monitor`` / ``mode``) and ``last.ckpt``,
-  rewritten at every epoch by :class:`~diffvision.lightning.LastCheckpoint`;
+  rewritten at every epoch (every ``--checkpoint.every_n_epochs``, and at the last) by
+  :class:`~diffvision.lightning.LastCheckpoint`;
 * ``--ckpt_path last`` resumes the most recent ``last.ckpt`` of the experiment, in the same
   ``version_N`` directory (with a warning and a fresh start when there is none; an error for
   validate / test / predict);
@@ -278,8 +279,9 @@ class DiffvisionCLI(LightningCLI):
             callbacks.append(LearningRateMonitor(logging_interval="step"))
         if trainer_cfg.get("enable_checkpointing") is not False and not any(
                 isinstance(cb, LastCheckpoint) for cb in callbacks):
-            dirpath = getattr(self._get(self.config_init, "checkpoint"), "dirpath", None)
-            callbacks.append(LastCheckpoint(dirpath=dirpath))
+            checkpoint = self._get(self.config, "checkpoint")
+            callbacks.append(LastCheckpoint(dirpath=getattr(checkpoint, "dirpath", None),
+                                            every_n_epochs=getattr(checkpoint, "every_n_epochs", None) or 1))
         kwargs.setdefault("callbacks", callbacks)
         trainer = super().instantiate_trainer(**kwargs)
         # last.ckpt is written after every other checkpoint callback has updated its state (best scores)

@@ -223,6 +223,50 @@ def test_a_failed_checkpoint_write_leaves_the_previous_last_ckpt_whole(data, tmp
     assert all(p.parent == ckpt_dir and p.name == ".last.ckpt.partial" for p in writes)
 
 
+def _recorded_last_ckpt_writes(monkeypatch) -> list[tuple[int, int]]:
+    """(epoch, global_step) of every last.ckpt write, as read back from the file just written."""
+    from diffvision.lightning import LastCheckpoint
+
+    real_save, writes = LastCheckpoint._save_checkpoint, []
+
+    def save_and_record(self, trainer, filepath):
+        real_save(self, trainer, filepath)
+        ckpt = torch.load(filepath, map_location="cpu", weights_only=True)
+        writes.append((ckpt["epoch"], ckpt["global_step"]))
+
+    monkeypatch.setattr(LastCheckpoint, "_save_checkpoint", save_and_record)
+    return writes
+
+
+@pytest.mark.parametrize("stop", ["max_epochs", "max_steps", "callback"])
+def test_last_ckpt_every_n_epochs_still_writes_the_final_epoch(data, tmp_path, monkeypatch, stop):
+    writes = _recorded_last_ckpt_writes(monkeypatch)
+    end = {"max_epochs": ["--trainer.max_epochs", "5"],  # 5 epochs of 2 steps
+           "max_steps": ["--trainer.max_epochs", "9", "--trainer.max_steps", "10"],
+           "callback": ["--trainer.max_epochs", "9", "--trainer.callbacks+=diffvision.lightning.StopAfterEpochs",
+                        "--trainer.callbacks.epochs", "5"]}[stop]
+    run_cli("cifar10_vit", data, tmp_path, *TINY_VIT, *end, "--checkpoint.every_n_epochs", "2",
+            "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", "--experiment", "sparse")
+    assert writes == [(1, 4), (3, 8), (4, 10)]  # epochs 2 and 4 by the interval, then the last one
+    last = torch.load(tmp_path / "sparse/version_0/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    assert (last["epoch"], last["global_step"]) == (4, 10)
+
+
+def test_last_ckpt_writes_every_epoch_by_default(data, tmp_path, monkeypatch):
+    writes = _recorded_last_ckpt_writes(monkeypatch)
+    run_cli("cifar10_vit", data, tmp_path, *TINY_VIT, "--trainer.max_epochs", "3",
+            "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1")
+    assert writes == [(0, 2), (1, 4), (2, 6)]
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_last_ckpt_interval_must_be_a_positive_int(bad):
+    from diffvision.lightning import LastCheckpoint
+
+    with pytest.raises(ValueError, match=rf"every_n_epochs must be a positive int, got {bad!r}"):
+        LastCheckpoint(every_n_epochs=bad)
+
+
 # ---------------------------------------------------------------------------------------------
 # A failing sample grid / FID at validation does not touch the training state
 # ---------------------------------------------------------------------------------------------

@@ -107,6 +107,36 @@ def test_sweep_runs_writes_results_and_skips_finished_runs(tmp_path, capsys):
     assert sorted(p.name for p in (root / "diff_f050_s3").glob("version_*")) == ["version_0"]
 
 
+def test_wall_time_counts_every_attempt_of_a_resumed_run(tmp_path, capsys):
+    data = make_cifar_npz(tmp_path / "cifar", per_class_train=4, per_class_test=2)
+    spec_path = write_spec(tmp_path / "s.yaml", kinds={"standard": "vit_tiny_patch4_32"}, epochs={0.5: 2}, seeds=[0])
+    extra = ["--data.root", str(data), "--data.cache_dir", str(tmp_path / "cache"), "--data.num_workers", "0",
+             "--data.batch_size", "10", "--trainer.precision", "32-true",
+             "--model.init_args.model_kwargs", "{depth: 1, embed_dim: 32, num_heads: 1}", *QUIET]
+    root, run = tmp_path / "runs", tmp_path / "runs" / "standard_f050_s0"
+    assert sweep.main([str(spec_path), "--root", str(root), "--gpus", "--time-limit", "3", "--", *extra]) == 0
+    assert "1 stopped" in capsys.readouterr().out and not (run / "result.json").exists()
+    (first,) = json.loads((run / "attempts.json").read_text())
+    assert first["seen"] - first["start"] >= 2.5  # alive until the limit killed it
+    assert sweep.main([str(spec_path), "--root", str(root), "--gpus", "--", *extra]) == 0
+    attempts = json.loads((run / "attempts.json").read_text())
+    result = json.loads((run / "result.json").read_text())
+    assert attempts[0] == first and len(attempts) == result["attempts"] == 2
+    assert result["wall_s"] == round(sum(a["seen"] - a["start"] for a in attempts), 1)
+    assert result["wall_s"] > first["seen"] - first["start"]
+
+
+def test_an_attempt_killed_with_the_sweep_counts_until_its_last_heartbeat(tmp_path):
+    job = sweep.Job("standard", "vit_tiny_patch4_32", {}, 1.0, 0, 1, 1, tmp_path, cost=1.0)
+    job.dir.mkdir(parents=True)
+    sweep.record_attempt(job, 100.0, new=True)
+    sweep.record_attempt(job, 130.0)  # heartbeat; then the whole sweep is SIGKILLed: no final record
+    sweep.record_attempt(job, 200.0, new=True)  # the next sweep resumes it
+    attempts = sweep.record_attempt(job, 260.0)
+    assert attempts == [{"start": 100.0, "seen": 130.0}, {"start": 200.0, "seen": 260.0}]
+    assert sweep.attempts_wall_s(attempts) == 90.0
+
+
 def test_fid_eval_of_a_checkpoint(tmp_path):
     """train/fid_eval.py: balanced classes from the EMA pipeline, FID against the reference split, a grid."""
     import lightning.pytorch as pl

@@ -9,7 +9,9 @@ A spec (YAML) names a ``diffvision fit`` config and what to vary; see ``configs/
 goes through the same CLI and configs users have, into ``<root>/<kind>_f<fraction>_s<seed>/``:
 
 * a finished run has ``result.json`` (final metrics, parameters, wall time, device, command): it is
-  skipped; an unfinished one resumes from its ``last.ckpt`` (``--ckpt_path last``);
+  skipped; an unfinished one resumes from its ``last.ckpt`` (``--ckpt_path last``); its wall time
+  counts every attempt (``attempts.json``: start and last-seen time of each, refreshed every
+  ``HEARTBEAT_S`` while it runs, so an attempt killed with the whole sweep is counted too);
 * ``--time-limit`` stops the sweep cleanly before an outer limit (a job scheduler's, a lent
   machine's): running jobs are killed and resume next time; none is started that cannot finish by
   its estimated cost;
@@ -38,6 +40,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ("classification", "generation")
+HEARTBEAT_S = 10.0
 
 
 @dataclass
@@ -206,7 +209,25 @@ def device_name() -> str:
     return f"CPU (torch {torch.__version__})"
 
 
-def write_result(spec: dict, job: Job, command: list[str], wall_s: float) -> dict:
+def record_attempt(job: Job, now: float, new: bool = False) -> list[dict]:
+    """Start a new attempt of ``job`` (``new``) or mark the current one as alive at ``now``."""
+    path = job.dir / "attempts.json"
+    attempts = json.loads(path.read_text()) if path.exists() else []
+    if new or not attempts:
+        attempts.append({"start": round(now, 1), "seen": round(now, 1)})
+    else:
+        attempts[-1]["seen"] = round(now, 1)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(attempts))
+    os.replace(partial, path)  # a kill while writing leaves the previous record
+    return attempts
+
+
+def attempts_wall_s(attempts: list[dict]) -> float:
+    return sum(a["seen"] - a["start"] for a in attempts)
+
+
+def write_result(spec: dict, job: Job, command: list[str], attempts: list[dict]) -> dict:
     from diffvision.lightning.loggers import read_epoch_metrics
 
     log_dir = latest_version(job)
@@ -215,7 +236,8 @@ def write_result(spec: dict, job: Job, command: list[str], wall_s: float) -> dic
     result: dict[str, Any] = {
         "task": spec["task"], "kind": job.kind, "fraction": job.fraction, "seed": job.seed,
         "epochs": job.epochs, "steps": int(final.get("step", 0)) + 1 if final else None,
-        "params": count_parameters(spec, log_dir), "wall_s": round(wall_s, 1), "device": device_name(),
+        "params": count_parameters(spec, log_dir), "wall_s": round(attempts_wall_s(attempts), 1),
+        "attempts": len(attempts), "device": device_name(),
         "command": shlex.join(command), "log_dir": str(log_dir),
     }
     config = _config(spec)
@@ -250,6 +272,7 @@ class Running:
     command: list[str]
     fit_command: list[str]
     log: Any
+    beat: float = 0.0          # when attempts.json was last refreshed
 
 
 def launch(command: list[str], job: Job, gpu: Optional[str], stage: str) -> tuple[subprocess.Popen, Any]:
@@ -306,7 +329,7 @@ def run_sweep(spec: dict, jobs: list[Job], gpus: list[Optional[str]], jobs_per_g
                     slots[i] = Running(job, proc, running.start, "fid", command, running.fit_command, log)
                     continue
                 try:
-                    result = write_result(spec, job, running.fit_command, time.time() - running.start)
+                    result = write_result(spec, job, running.fit_command, record_attempt(job, time.time()))
                 except Exception as err:  # noqa: BLE001  (one broken run must not stop the others)
                     status[job.name] = "failed"
                     print(f"[sweep] FAILED {job.name}: {type(err).__name__}: {err}", flush=True)
@@ -334,6 +357,12 @@ def run_sweep(spec: dict, jobs: list[Job], gpus: list[Optional[str]], jobs_per_g
                 print(f"[sweep] start {job.name} on {'GPU ' + gpus[i // jobs_per_gpu] if gpus[0] is not None else 'CPU'}",
                       flush=True)
                 slots[i] = Running(job, proc, time.time(), "fit", command, command, log)
+                record_attempt(job, slots[i].start, new=True)
+            now = time.time()
+            for running in filter(None, slots):
+                if now - running.beat >= HEARTBEAT_S:
+                    record_attempt(running.job, now)
+                    running.beat = now
             if time_limit is not None and elapsed > time_limit:
                 raise TimeoutError
             if time_limit is not None and rate is not None and not any(slots) and pending:
@@ -345,6 +374,7 @@ def run_sweep(spec: dict, jobs: list[Job], gpus: list[Optional[str]], jobs_per_g
             os.killpg(running.proc.pid, signal.SIGKILL)
             running.proc.wait()
             running.log.close()
+            record_attempt(running.job, time.time())
             status[running.job.name] = "stopped"
             print(f"[sweep] stopped {running.job.name} ({why}); it resumes from last.ckpt next time", flush=True)
     for job in pending:

@@ -52,6 +52,11 @@ class LastCheckpoint(ModelCheckpoint):
     callback keeps the latest state for ``--ckpt_path last``. It runs after the other checkpoint
     callbacks, so their (best-model) state is current in ``last.ckpt``.
 
+    ``every_n_epochs`` (default 1) spaces the writes out for runs of many short epochs (a 32M-param
+    DiT with its EMA and AdamW state is ~0.5 GB a write); the last epoch of ``fit``
+    (``max_epochs`` or ``max_steps`` reached, or a callback stopping it) is always written, so
+    ``last.ckpt`` holds the final weights. The CLI takes it from ``--checkpoint.every_n_epochs``.
+
     Writes are atomic on local disks: the checkpoint goes to ``.last.ckpt.partial`` in the same
     directory and then replaces ``last.ckpt`` (``os.replace``), so a crash, a kill or a full disk
     while writing leaves the previous ``last.ckpt`` whole. A failed write removes the partial file
@@ -60,9 +65,25 @@ class LastCheckpoint(ModelCheckpoint):
 
     PARTIAL_SUFFIX = ".partial"
 
-    def __init__(self, dirpath: Optional[str] = None, **kwargs) -> None:
+    def __init__(self, dirpath: Optional[str] = None, every_n_epochs: int = 1, **kwargs) -> None:
+        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be a positive int, got {every_n_epochs!r}")
         super().__init__(dirpath=dirpath, filename=self.CHECKPOINT_NAME_LAST, monitor=None, save_top_k=1,
-                         save_last=False, enable_version_counter=False, save_on_train_epoch_end=True, **kwargs)
+                         save_last=False, enable_version_counter=False, save_on_train_epoch_end=True,
+                         every_n_epochs=every_n_epochs, **kwargs)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._should_skip_saving_checkpoint(trainer) or not self._should_save_on_train_epoch_end(trainer):
+            return
+        if (trainer.current_epoch + 1) % self._every_n_epochs == 0 or self._fit_ends_now(trainer):
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    @staticmethod
+    def _fit_ends_now(trainer: pl.Trainer) -> bool:
+        max_epochs, max_steps = trainer.max_epochs, trainer.max_steps
+        return (trainer.should_stop or (max_epochs is not None and max_epochs >= 0
+                                        and trainer.current_epoch + 1 >= max_epochs)
+                or (max_steps is not None and max_steps >= 0 and trainer.global_step >= max_steps))
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         if not _is_local_file_protocol(filepath):
