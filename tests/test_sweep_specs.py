@@ -1,0 +1,58 @@
+"""The sweep specs that ship in ``configs/sweeps/``: every kind of every spec becomes a CLI run that
+builds, with the spec's epochs and fraction, and the kinds compared in one spec have equal parameter
+counts (the experiments' premise)."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from _training_data import QUIET, REPO, make_cifar_npz, make_imagefolder
+from diffvision.cli import DiffvisionCLI
+
+SPECS = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
+
+
+def _load_sweep():
+    spec = importlib.util.spec_from_file_location("sweep", REPO / "train" / "sweep.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["sweep"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+sweep = _load_sweep()
+
+
+@pytest.fixture(scope="module")
+def data_roots(tmp_path_factory):
+    base = tmp_path_factory.mktemp("data")
+    return {"cifar10_npz": make_cifar_npz(base / "cifar10", per_class_train=2, per_class_test=1),
+            "imagefolder": make_imagefolder(base / "cats_dogs", per_class=(2, 2))}
+
+
+def test_every_spec_is_found():
+    assert {p.stem for p in SPECS} >= {"cifar10_fractions", "cifar10_dit", "cats_dogs"}
+
+
+@pytest.mark.parametrize("spec_path", SPECS, ids=[p.stem for p in SPECS])
+def test_spec_kinds_build_with_equal_parameters(spec_path, data_roots, tmp_path):
+    spec = sweep.load_spec(spec_path)
+    jobs = sweep.build_jobs(spec, tmp_path, None, [min(spec["epochs"])], [spec["seeds"][0]], [])
+    params = {}
+    for job in jobs:
+        command = sweep.fit_command(spec, job)
+        args = command[command.index("fit") + 1:command.index("--ckpt_path")]
+        dataset = sweep._config(spec)["data"]["dataset"]
+        cli = DiffvisionCLI(args=[*args, "--data.root", str(data_roots[dataset]),
+                                  "--data.cache_dir", str(tmp_path / "cache"), *QUIET], run=False)
+        assert cli.trainer.max_epochs == job.epochs == spec["epochs"][job.fraction]
+        assert cli.datamodule.data_fraction == job.fraction
+        assert cli.trainer.check_val_every_n_epoch == job.val_every
+        params[job.kind] = sum(p.numel() for p in cli.model.parameters() if p.requires_grad)
+    assert set(params) == set(spec["kinds"])
+    reference = params.get("standard", max(params.values()))
+    for kind, count in params.items():  # "equal parameter count": within 0.1% of the standard model
+        assert abs(count - reference) <= 1e-3 * reference, (kind, count, reference)
