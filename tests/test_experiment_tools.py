@@ -3,10 +3,8 @@ run report (train/report.py), against float64 forwards, closed forms and numpy."
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
-import sys
 
 import numpy as np
 import pytest
@@ -14,20 +12,12 @@ import timm
 import torch
 from PIL import Image
 
-from _training_data import REPO, make_cifar_npz
+from _training_data import load_train_script, make_cifar_npz
 from diffvision.attention import create_attention
 
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"_train_{name}", REPO / "train" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-attention_maps = _load_script("attention_maps")
-report = _load_script("report")
+attention_maps = load_train_script("attention_maps")
+report = load_train_script("report")
 
 
 def randomise(module, seed=0):

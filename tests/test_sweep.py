@@ -1,9 +1,7 @@
 """The experiment runners: sweep specs -> CLI runs -> result.json (skip / resume), and FID of a checkpoint."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,21 +9,10 @@ import pytest
 import torch
 import yaml
 
-from _training_data import CONFIGS, QUIET, make_cifar_npz
+from _training_data import CONFIGS, QUIET, load_train_script, make_cifar_npz
 from diffvision.lightning import read_epoch_metrics
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "train" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-sweep = _load("sweep")
+sweep = load_train_script("sweep")
 
 
 def write_spec(path: Path, **overrides) -> Path:
@@ -144,7 +131,7 @@ def test_fid_eval_of_a_checkpoint(tmp_path):
     from diffvision.data import ImageDataModule
     from diffvision.lightning import DiffusionModule
 
-    fid_eval = _load("fid_eval")
+    fid_eval = load_train_script("fid_eval")
     data = make_cifar_npz(tmp_path / "cifar", per_class_train=2, per_class_test=1)
     dm = ImageDataModule("cifar10_npz", root=str(data), augment="diffusion", batch_size=10, num_workers=0,
                          cache_dir=str(tmp_path / "cache"))

@@ -3,27 +3,13 @@ builds, with the spec's epochs and fraction, and the kinds compared in one spec 
 counts (the experiments' premise)."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-from _training_data import QUIET, REPO, make_cifar_npz, make_imagefolder
+from _training_data import QUIET, REPO, load_train_script, make_cifar_npz, make_imagefolder
 from diffvision.cli import DiffvisionCLI
 
 SPECS = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
-
-
-def _load_sweep():
-    spec = importlib.util.spec_from_file_location("sweep", REPO / "train" / "sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["sweep"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-sweep = _load_sweep()
+sweep = load_train_script("sweep")
 
 
 @pytest.fixture(scope="module")

@@ -267,12 +267,11 @@ def write_result(spec: dict, job: Job, command: list[str], attempts: list[dict])
 class Running:
     job: Job
     proc: subprocess.Popen
-    start: float
     stage: str                 # "fit" or "fid"
     command: list[str]
     fit_command: list[str]
     log: Any
-    beat: float = 0.0          # when attempts.json was last refreshed
+    beat: float                # when attempts.json was last written (the attempt's start, then heartbeats)
 
 
 def launch(command: list[str], job: Job, gpu: Optional[str], stage: str) -> tuple[subprocess.Popen, Any]:
@@ -326,7 +325,7 @@ def run_sweep(spec: dict, jobs: list[Job], gpus: list[Optional[str]], jobs_per_g
                 if spec["task"] == "generation" and running.stage == "fit":
                     command = fid_command(spec, job, latest_version(job))
                     proc, log = launch(command, job, gpus[i // jobs_per_gpu], "fid")
-                    slots[i] = Running(job, proc, running.start, "fid", command, running.fit_command, log)
+                    slots[i] = Running(job, proc, "fid", command, running.fit_command, log, running.beat)
                     continue
                 try:
                     result = write_result(spec, job, running.fit_command, record_attempt(job, time.time()))
@@ -356,8 +355,8 @@ def run_sweep(spec: dict, jobs: list[Job], gpus: list[Optional[str]], jobs_per_g
                 proc, log = launch(command, job, gpus[i // jobs_per_gpu], "fit")
                 print(f"[sweep] start {job.name} on {'GPU ' + gpus[i // jobs_per_gpu] if gpus[0] is not None else 'CPU'}",
                       flush=True)
-                slots[i] = Running(job, proc, time.time(), "fit", command, command, log)
-                record_attempt(job, slots[i].start, new=True)
+                slots[i] = Running(job, proc, "fit", command, command, log, beat=time.time())
+                record_attempt(job, slots[i].beat, new=True)
             now = time.time()
             for running in filter(None, slots):
                 if now - running.beat >= HEARTBEAT_S:
