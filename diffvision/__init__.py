@@ -1,10 +1,13 @@
 """diffvision: differential attention for vision models (timm, diffusers, Lightning)."""
 from .attention import (
     DifferentialAttention,
+    DifferentialAttentionV2,
     GroupedDifferentialAttention,
     MultiHeadAttention,
     create_attention,
     differential_attention,
+    differential_attention_v2,
+    set_attention_backend,
 )
 from .diffusion import DiffDiTPipeline, DiffDiTTransformer2DModel
 from . import models  # noqa: F401  (registers the timm models)
@@ -15,8 +18,11 @@ __all__ = [
     "DiffDiTPipeline",
     "DiffDiTTransformer2DModel",
     "DifferentialAttention",
+    "DifferentialAttentionV2",
     "GroupedDifferentialAttention",
     "MultiHeadAttention",
     "create_attention",
     "differential_attention",
+    "differential_attention_v2",
+    "set_attention_backend",
 ]

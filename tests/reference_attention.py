@@ -39,3 +39,38 @@ def make_inputs(B, Hs, Hn, N, M, d, dv, dtype=torch.float32, per_head_lam=False,
 
 def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def reference_v2(q, k, v, lam, mask=None, causal=False, scale=None):
+    """DIFF V2 head by head in float64: output head i = softmax(q_2i k_gᵀ s + m) v_g − λ_i softmax(q_2i+1 k_gᵀ s + m) v_g,
+    g = 2i // (2h / h_kv); the mask broadcasts over the 2h query heads; λ broadcasts to (B, h, N)."""
+    q, k, v = (t.double() for t in (q, k, v))
+    B, Q, N, d = q.shape
+    Hkv, M = k.shape[1], k.shape[2]
+    h, group = Q // 2, Q // Hkv
+    lam = lam.double().expand(B, h, N)
+    s = 1.0 / math.sqrt(d) if scale is None else scale
+    bias = torch.zeros(B, Q, N, M, dtype=torch.float64)
+    if causal:
+        bias = bias.masked_fill(~torch.ones(N, M, dtype=torch.bool).tril(), -math.inf)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            bias = bias.masked_fill(~mask.expand(B, Q, N, M), -math.inf)
+        else:
+            bias = bias + mask.double().expand(B, Q, N, M)
+    out = torch.empty(B, h, N, v.shape[-1], dtype=torch.float64)
+    for i in range(h):
+        g = (2 * i) // group
+        assert g == (2 * i + 1) // group  # the pair shares its key/value head
+        a1 = torch.softmax(torch.einsum("bnd,bmd->bnm", q[:, 2 * i], k[:, g]) * s + bias[:, 2 * i], -1)
+        a2 = torch.softmax(torch.einsum("bnd,bmd->bnm", q[:, 2 * i + 1], k[:, g]) * s + bias[:, 2 * i + 1], -1)
+        out[:, i] = torch.einsum("bnm,bme->bne", a1 - lam[:, i, :, None] * a2, v[:, g])
+    return out
+
+
+def make_inputs_v2(B, h, Hkv, N, M, d, dv, lam_shape, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+    lam = torch.rand(tuple(lam_shape), generator=g, dtype=torch.float64).to(dtype)  # already squashed: in [0, 1]
+    return rnd(B, 2 * h, N, d), rnd(B, Hkv, M, d), rnd(B, Hkv, M, dv), lam

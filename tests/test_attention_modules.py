@@ -164,9 +164,12 @@ def test_module_errors():
         GroupedDifferentialAttention(60, signal_heads=4, noise_heads=3)
     with pytest.raises(ValueError, match="signal_heads \\+ noise_heads"):
         GroupedDifferentialAttention(64, signal_heads=4, noise_heads=2)
-    with pytest.raises(ValueError, match="'standard' takes no lambda_init/backend"):
+    with pytest.raises(ValueError, match="attn_kind='standard' takes no backend .*applies to \\['diff', 'gda', 'diffv2'\\]"):
         create_attention("standard", 32, num_heads=2, backend="math")
-    assert isinstance(create_attention("standard", 32, num_heads=2, lambda_init=None, backend="auto"),
-                      MultiHeadAttention)
-    with pytest.raises(ValueError, match="unknown attention kind 'flash'"):
+    with pytest.raises(ValueError, match="attn_kind='diffv2' takes no lambda_init"):
+        create_attention("diffv2", 32, num_heads=2, lambda_init=0.8)
+    # the defaults of options a kind does not take are accepted, so a model can pass them to every kind
+    assert isinstance(create_attention("standard", 32, num_heads=2, lambda_init=None, lambda_mode="reparam",
+                                       head_norm=True, backend="auto"), MultiHeadAttention)
+    with pytest.raises(ValueError, match="unknown attn_kind 'flash'"):
         create_attention("flash", 32, num_heads=2)

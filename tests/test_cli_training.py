@@ -25,7 +25,7 @@ from diffvision.data import stratified_subset
 from diffvision.lightning import ImageClassifier, lr_factor
 
 TINY_VIT = ["--model.init_args.model_kwargs", "{depth: 1, embed_dim: 48}"]
-CLASSIFIER_CONFIGS = ["cifar10_diff_vit", "cifar10_gda_vit", "cifar10_vit",
+CLASSIFIER_CONFIGS = ["cifar10_diff_vit", "cifar10_gda_vit", "cifar10_diffv2_vit", "cifar10_vit",
                       "fashion_mnist_diff_vit", "fashion_mnist_gda_vit", "fashion_mnist_vit"]
 
 
@@ -65,7 +65,8 @@ def test_fast_dev_run_of_each_classifier_config(config, data, tmp_path):
     assert model.patch_embed.num_patches == (49 if fashion else 64)  # linked img_size (28 or 32), patch 4
     assert model.num_classes == 10
     attn = type(model.blocks[0].attn).__name__
-    expected = {"diff_vit": "DifferentialAttention", "gda_vit": "GroupedDifferentialAttention"}
+    expected = {"diff_vit": "DifferentialAttention", "gda_vit": "GroupedDifferentialAttention",
+                "diffv2_vit": "DifferentialAttentionV2"}
     assert attn == expected.get(config.split("_", 1 + fashion)[-1], "Attention")
 
 

@@ -22,21 +22,25 @@ from PIL import Image
 
 import diffvision
 from diffvision import DiffDiTPipeline, DiffDiTTransformer2DModel
-from diffvision.attention import DifferentialAttention, GroupedDifferentialAttention, MultiHeadAttention
+from diffvision.attention import (
+    DifferentialAttention,
+    DifferentialAttentionV2,
+    GroupedDifferentialAttention,
+    MultiHeadAttention,
+)
 from diffvision.diffusion import (
     DIT_PRESETS,
     convert_diff_dit_to_dit,
     convert_dit_to_diff_dit,
-    resolve_attention_heads,
 )
 
-KINDS = ["standard", "diff", "gda"]
+KINDS = ["standard", "diff", "gda", "diffv2"]
 
 
 def tiny(kind="diff", learn_sigma=False, in_channels=3, **kw):
-    """6 standard heads of 8 (width 48): DIFF 3 heads, GDA 4:2 by default."""
+    """6 standard heads of 8 (width 48): DIFF 3 heads, GDA 4:2, DIFF V2 6 heads on 3 key/value heads by default."""
     cfg = dict(num_attention_heads=6, attention_head_dim=8, in_channels=in_channels, num_layers=2,
-               sample_size=8, patch_size=2, num_classes=10, attention_type=kind,
+               sample_size=8, patch_size=2, num_classes=10, attn_kind=kind,
                out_channels=2 * in_channels if learn_sigma else None)
     cfg.update(kw)
     return DiffDiTTransformer2DModel(**cfg)
@@ -80,46 +84,41 @@ def test_forward_shapes_for_each_attention_kind(kind, learn_sigma):
 
 
 def test_head_conventions():
-    D = 48  # 6 standard heads of 8
-    assert resolve_attention_heads("standard", 6, D) == {"num_heads": 6}
-    assert resolve_attention_heads("diff", 6, D) == {"num_heads": 3}          # H/2 differential heads
-    assert resolve_attention_heads("diff", 3, 48) == {"num_heads": 3}         # odd H: H heads
-    assert resolve_attention_heads("gda", 6, D) == {"signal_heads": 4, "noise_heads": 2}  # 2:1, Hs+Hn=H
-    assert resolve_attention_heads("gda", 6, D, 3, 1) == {"signal_heads": 3, "noise_heads": 1}
-    # DiT-L (1024, 16 heads): no 2:1 split of 16, and no Hs > Hn split tiles 1024 at all
-    with pytest.raises(ValueError, match="divisible by 3.*no split with signal_heads > noise_heads"):
-        resolve_attention_heads("gda", 16, 1024)
-    # DiT-XL (1152, 16 heads): the error proposes working splits, e.g. 12:4 keeps d = 72
-    with pytest.raises(ValueError, match="signal_heads=12, noise_heads=4"):
-        resolve_attention_heads("gda", 16, 1152)
-    assert resolve_attention_heads("gda", 16, 1152, 12, 4) == {"signal_heads": 12, "noise_heads": 4}
-    with pytest.raises(ValueError, match="do not tile hidden size 1024"):
-        resolve_attention_heads("gda", 16, 1024, 12, 4)
-    with pytest.raises(ValueError, match="positive multiple"):
-        resolve_attention_heads("gda", 6, D, 4, 3)
-    with pytest.raises(ValueError, match="both signal_heads and noise_heads"):
-        resolve_attention_heads("gda", 6, D, 4, None)
-    with pytest.raises(ValueError, match="only apply to attention_type='gda'"):
-        resolve_attention_heads("diff", 6, D, 4, 2)
-    with pytest.raises(ValueError, match="accepted"):
-        resolve_attention_heads("linear", 6, D)
-    with pytest.raises(ValueError, match="even attention_head_dim"):
-        resolve_attention_heads("diff", 3, 15)
+    """num_attention_heads is the standard twin's H; every kind's layout comes from the registry's twin rule
+    (its rules themselves are tested in test_attention_registry.py)."""
+    with pytest.raises(ValueError, match="signal_heads=12, noise_heads=4"):  # DiT-XL: 16 heads, no 2:1 split
+        DiffDiTTransformer2DModel.from_preset("DiT-XL/2", attn_kind="gda", num_layers=1, sample_size=4)
+    xl = DiffDiTTransformer2DModel.from_preset("DiT-XL/2", attn_kind="gda", num_layers=1, sample_size=4,
+                                               signal_heads=12, noise_heads=4)
+    assert (xl.attn_layout["signal_heads"], xl.attn_layout["noise_heads"], xl.attn_layout["head_dim"]) == (12, 4, 72)
+    with pytest.raises(ValueError, match="only applies to attn_kind='gda'"):
+        tiny("diff", signal_heads=4, noise_heads=2)
+    with pytest.raises(ValueError, match="only applies to attn_kind='diffv2'"):
+        tiny("gda", num_kv_heads=3)
+    with pytest.raises(ValueError, match="num_kv_heads=4 must divide num_heads=6"):
+        tiny("diffv2", num_kv_heads=4)
+    assert tiny("diffv2", num_kv_heads=1).attn_layout["num_kv_heads"] == 1  # free, not parameter-matched
 
     # the built modules follow the convention, with the paper's depth schedule for λinit
-    std, diff, gda = (tiny(k) for k in KINDS)
+    std, diff, gda, v2 = (tiny(k) for k in KINDS)
     assert all(isinstance(b.attn, MultiHeadAttention) and b.attn.num_heads == 6 for b in std.transformer_blocks)
     for i, block in enumerate(diff.transformer_blocks):
         assert isinstance(block.attn, DifferentialAttention)
         assert (block.attn.num_heads, block.attn.head_dim, block.attn.value_head_dim) == (3, 8, 16)
         assert block.attn.lambda_init == pytest.approx(0.8 - 0.6 * math.exp(-0.3 * i))
-    assert gda.attention_heads == {"signal_heads": 4, "noise_heads": 2, "head_dim": 8, "value_head_dim": 12}
+    layout = gda.attn_layout
+    assert {k: layout[k] for k in ("attn_kind", "signal_heads", "noise_heads", "head_dim", "value_head_dim")} == \
+        {"attn_kind": "gda", "signal_heads": 4, "noise_heads": 2, "head_dim": 8, "value_head_dim": 12}
     assert type(gda.transformer_blocks[0].attn) is GroupedDifferentialAttention
+    assert all(isinstance(b.attn, DifferentialAttentionV2) for b in v2.transformer_blocks)
+    assert v2.attn_layout == {"attn_kind": "diffv2", "num_heads": 6, "query_heads": 12, "num_kv_heads": 3,
+                              "head_dim": 8, "backend": "auto"}
     assert tiny("diff", lambda_init=0.5).transformer_blocks[1].attn.lambda_init == 0.5
     # same parameter count as the standard twin, plus λ (4·d) and the RMSNorm scale (dv) per block
     n = lambda m: sum(p.numel() for p in m.parameters())
     assert n(diff) == n(std) + 2 * (4 * 8 + 16)
     assert n(gda) == n(std) + 2 * (4 * 8 + 12)
+    assert n(v2) == n(std) + 2 * 48 * 6  # W_λ (dim -> h) per block; q/k/v/proj as the twin
 
 
 def test_presets_match_the_dit_paper_and_diffusers_param_count():
@@ -131,7 +130,7 @@ def test_presets_match_the_dit_paper_and_diffusers_param_count():
             assert (cfg["num_layers"], cfg["num_attention_heads"] * cfg["attention_head_dim"],
                     cfg["num_attention_heads"], cfg["patch_size"]) == (depth, width, heads, patch)
     model = DiffDiTTransformer2DModel.from_preset(
-        "DiT-S/8", attention_type="standard", sample_size=32, in_channels=3, num_classes=10)
+        "DiT-S/8", attn_kind="standard", sample_size=32, in_channels=3, num_classes=10)
     assert (model.config.num_layers, model.inner_dim, model.config.patch_size) == (12, 384, 8)
     dit = DiTTransformer2DModel(num_attention_heads=6, attention_head_dim=64, in_channels=3, num_layers=12,
                                 sample_size=32, patch_size=8, num_embeds_ada_norm=10)
@@ -141,7 +140,7 @@ def test_presets_match_the_dit_paper_and_diffusers_param_count():
     with pytest.raises(ValueError, match="unknown preset 'DiT-M/2'"):
         DiffDiTTransformer2DModel.from_preset("DiT-M/2")
     with pytest.raises(ValueError, match="signal_heads"):  # DiT-L cannot do GDA without explicit counts
-        DiffDiTTransformer2DModel.from_preset("DiT-L/8", attention_type="gda", num_layers=1, sample_size=8)
+        DiffDiTTransformer2DModel.from_preset("DiT-L/8", attn_kind="gda", num_layers=1, sample_size=8)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -229,17 +228,22 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert not model.is_gradient_checkpointing
 
 
-def test_differential_backend_switch():
-    model = perturb(tiny("gda")).eval()
+@pytest.mark.parametrize("kind", ["gda", "diffv2"])
+def test_attention_backend_switch(kind):
+    model = perturb(tiny(kind)).eval()
     x, t, y = inputs()
-    model.set_differential_attention_backend("math")
+    model.set_attention_backend("math")
     ref = model(x, t, y).sample
     assert all(b.attn.backend == "math" for b in model.transformer_blocks)
-    model.set_differential_attention_backend("sdpa")
-    assert model.config.diff_attention_backend == "sdpa"
+    assert model.config.attn_backend == "math"
+    diffvision.set_attention_backend(model, "sdpa")  # the function and the method are one
+    assert model.config.attn_backend == "sdpa"
     torch.testing.assert_close(model(x, t, y).sample, ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="accepted"):
-        model.set_differential_attention_backend("flash")
+        model.set_attention_backend("flash")
+    with pytest.warns(FutureWarning, match="use set_attention_backend"):  # the old name still works
+        model.set_differential_attention_backend("math")
+    assert model.config.attn_backend == "math"
 
 
 def test_bad_model_inputs_raise_clear_errors():
@@ -268,27 +272,32 @@ def test_bad_model_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="timestep is required"):
         model(x, None, y)
     for bad, match in [(dict(sample_size=10, patch_size=4), "divisible by patch_size"),
-                       (dict(attention_type="linear"), "accepted"),
-                       (dict(diff_attention_backend="cuda"), "accepted"),
+                       (dict(attn_kind="linear"), "accepted"),
+                       (dict(attn_backend="cuda"), "accepted"),
+                       (dict(attn_kind="diffv2", attn_backend="triton"), "does not run on attn_backend='triton'"),
+                       (dict(lambda_mode="learned"), "unknown lambda_mode"),
+                       (dict(lambda_init="paper"), "lambda_init must be a finite number or 'schedule'"),
+                       (dict(attn_kind="diffv2", head_norm=False), "takes no head_norm"),
                        (dict(class_dropout_prob=1.0), r"\[0, 1\)"),
                        (dict(activation_fn="relu"), "accepted"),
                        (dict(num_attention_heads=3, attention_head_dim=6), "divisible by 4"),
                        (dict(num_classes=0), "positive int"),
-                       (dict(signal_heads=2, noise_heads=1), "only apply")]:
+                       (dict(signal_heads=2, noise_heads=1), "only applies")]:
         with pytest.raises(ValueError, match=match):
             tiny(**bad)
 
 
-@pytest.mark.parametrize("kind", ["diff", "gda"])
+@pytest.mark.parametrize("kind", ["diff", "gda", "diffv2"])
 def test_save_load_round_trip(tmp_path, kind):
     model = perturb(tiny(kind, learn_sigma=True, signal_heads=3 if kind == "gda" else None,
                          noise_heads=1 if kind == "gda" else None)).eval()
     model.save_pretrained(tmp_path)
     assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["_class_name"] == "DiffDiTTransformer2DModel" and config["attention_type"] == kind
+    assert config["_class_name"] == "DiffDiTTransformer2DModel" and config["attn_kind"] == kind
+    assert "attention_type" not in config and "diff_attention_backend" not in config  # the old names: read only
     loaded = DiffDiTTransformer2DModel.from_pretrained(tmp_path).eval()
-    assert loaded.attention_heads == model.attention_heads
+    assert loaded.attn_layout == model.attn_layout
     x, t, y = inputs()
     torch.testing.assert_close(loaded(x, t, y).sample, model(x, t, y).sample, rtol=0, atol=0)
     half = DiffDiTTransformer2DModel.from_pretrained(tmp_path, torch_dtype=torch.bfloat16).eval()
@@ -314,7 +323,7 @@ def diffusers_dit(tie_embeddings=True, seed=0):
 def test_standard_attention_matches_diffusers_dit():
     dit = diffusers_dit()
     ours = convert_dit_to_diff_dit(dit).eval()
-    assert ours.config.attention_type == "standard" and ours.learn_sigma
+    assert ours.config.attn_kind == "standard" and ours.learn_sigma
     x = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     t = torch.tensor([0, 17, 500, 999])
     y = torch.tensor([0, 3, 9, 10])  # 10 = null class
@@ -331,7 +340,7 @@ def test_standard_attention_matches_diffusers_dit():
     # a freshly built standard model converts to diffusers and agrees with it
     fresh = perturb(DiffDiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4,
                                               num_layers=2, sample_size=8, patch_size=2, num_classes=10,
-                                              attention_type="standard"), seed=5).eval()
+                                              attn_kind="standard"), seed=5).eval()
     torch.testing.assert_close(convert_diff_dit_to_dit(fresh).eval()(x, t, y).sample, fresh(x, t, y).sample,
                                rtol=1e-6, atol=1e-6)
 
@@ -339,7 +348,7 @@ def test_standard_attention_matches_diffusers_dit():
 def test_conversion_refuses_what_has_no_exact_counterpart():
     with pytest.raises(ValueError, match="per-block conditioning embeddings"):
         convert_dit_to_diff_dit(diffusers_dit(tie_embeddings=False))
-    with pytest.raises(ValueError, match="attention_type='diff'"):
+    with pytest.raises(ValueError, match="attn_kind='diff'"):
         convert_diff_dit_to_dit(tiny("diff"))
     with pytest.raises(ValueError, match="timestep_freq_shift=0"):
         convert_diff_dit_to_dit(tiny("standard", timestep_freq_shift=0))
@@ -398,10 +407,11 @@ def reference_sampling(pipe, labels, guidance, steps, noise, pass_variance, step
     return x
 
 
+@pytest.mark.parametrize("kind", ["diff", "diffv2"])
 @pytest.mark.parametrize("name,learned_range", [("euler", False), ("ddpm", True), ("dpm", False)])
-def test_pipeline_matches_the_written_out_cfg_loop(name, learned_range):
+def test_pipeline_matches_the_written_out_cfg_loop(name, learned_range, kind):
     scheduler = (DDPMScheduler(variance_type="learned_range") if learned_range else SCHEDULERS[name]())
-    pipe = make_pipe(learn_sigma=True, scheduler=scheduler)
+    pipe = make_pipe(kind, learn_sigma=True, scheduler=scheduler)
     noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         got = pipe([2, 5], guidance_scale=2.5, num_inference_steps=3, latents=noise.clone(),
@@ -525,10 +535,10 @@ def test_bad_pipeline_inputs_raise_clear_errors():
         pipe([1], latents=torch.randn(1, 3, 4, 4), num_inference_steps=1)
 
 
-@pytest.mark.parametrize("with_vae", [False, True])
-def test_pipeline_save_load_round_trip(tmp_path, with_vae):
+@pytest.mark.parametrize("with_vae,kind", [(False, "diff"), (True, "diff"), (False, "diffv2")])
+def test_pipeline_save_load_round_trip(tmp_path, with_vae, kind):
     vae = tiny_vae() if with_vae else None
-    pipe = make_pipe(vae=vae, in_channels=4 if with_vae else 3, scheduler=EulerDiscreteScheduler(),
+    pipe = make_pipe(kind, vae=vae, in_channels=4 if with_vae else 3, scheduler=EulerDiscreteScheduler(),
                      id2label={0: "zero", 1: "one"})
     pipe.save_pretrained(tmp_path)
     index = json.loads((tmp_path / "model_index.json").read_text())
@@ -540,6 +550,7 @@ def test_pipeline_save_load_round_trip(tmp_path, with_vae):
     loaded.set_progress_bar_config(disable=True)
     assert (loaded.vae is None) is (not with_vae)
     assert isinstance(loaded.scheduler, EulerDiscreteScheduler) and loaded.labels == {"one": 1, "zero": 0}
+    assert loaded.transformer.config.attn_kind == kind
     run = lambda p: p(["one", "zero"], num_inference_steps=2, generator=torch.Generator().manual_seed(0),
                       output_type="pt").images
     torch.testing.assert_close(run(loaded), run(pipe), rtol=0, atol=0)

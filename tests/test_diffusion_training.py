@@ -23,7 +23,7 @@ TINY_DIT = ["--model.init_args.transformer_kwargs",
             "{num_layers: 1, num_attention_heads: 6, attention_head_dim: 8, patch_size: 4}",
             "--model.init_args.sample_steps", "2", "--model.init_args.num_sample_images", "4",
             "--model.init_args.fid_num_samples", "0"]
-DIFFUSION_CONFIGS = ["cifar10_diff_dit", "cifar10_dit", "cifar10_gda_dit", "fashion_mnist_diff_dit"]
+DIFFUSION_CONFIGS = ["cifar10_diff_dit", "cifar10_dit", "cifar10_gda_dit", "cifar10_diffv2_dit", "fashion_mnist_diff_dit"]
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +148,7 @@ def test_fast_dev_run_of_each_diffusion_config(config, data, tmp_path):
     assert (cfg.in_channels, cfg.sample_size, cfg.num_classes) == ((1, 28, 10) if fashion else (3, 32, 10))
     assert cli.model.transformer.out_channels == 2 * cfg.in_channels  # learned sigma
     expected = "standard" if config == "cifar10_dit" else config.split("_")[-2]
-    assert cfg.attention_type == expected
+    assert cfg.attn_kind == expected
     assert cli.model.ema.n_averaged.item() == 1
 
 

@@ -39,7 +39,8 @@ def assert_png(path):
 # attention_maps on the modules: the maps reproduce forward
 # ---------------------------------------------------------------------------------------------
 
-MODULES = {"standard": dict(num_heads=4), "diff": dict(num_heads=2), "gda": dict(signal_heads=4, noise_heads=2)}
+MODULES = {"standard": dict(num_heads=4), "diff": dict(num_heads=2), "gda": dict(signal_heads=4, noise_heads=2),
+           "diffv2": dict(num_heads=4)}
 
 
 @pytest.mark.parametrize("masking", ["none", "bool", "additive", "causal", "per_head"])
@@ -55,8 +56,9 @@ def test_attention_maps_reproduce_the_module_forward_in_float64(kind, masking):
         mask[..., 0] = True  # every query keeps a key
     elif masking == "additive":
         mask = torch.randn(B, 1, N, N, dtype=torch.float64)
-    elif masking == "per_head":  # a mask per (signal) head: GDA's shared noise maps differ per head then
-        heads = m.num_heads if kind == "standard" else m.signal_heads
+    elif masking == "per_head":  # a mask per (signal / query) head: GDA's shared noise maps differ per head then
+        heads = {"standard": getattr(m, "num_heads", 0), "diffv2": 2 * getattr(m, "num_heads", 0)}.get(
+            kind, getattr(m, "signal_heads", 0))
         mask = torch.rand(B, heads, N, N) > 0.3
         mask[..., 0] = True
     with torch.no_grad():
@@ -66,6 +68,12 @@ def test_attention_maps_reproduce_the_module_forward_in_float64(kind, masking):
             assert set(maps) == {"attention"}
             v = m.qkv(x).view(B, N, 3, m.num_heads, m.head_dim)[:, :, 2].transpose(1, 2)
             heads = maps["attention"] @ v
+        elif kind == "diffv2":
+            assert set(maps) == {"signal", "noise", "difference", "lambda"}
+            *_, v = m.split_qkv(x)  # (B, h_kv, N, d): output head i reads value head i // (h / h_kv)
+            heads = maps["difference"] @ v.repeat_interleave(m.num_heads // m.num_kv_heads, dim=1)
+            torch.testing.assert_close(maps["lambda"], torch.sigmoid(x @ m.lambda_proj.weight.T).transpose(1, 2))
+            torch.testing.assert_close(maps["difference"], maps["signal"] - maps["lambda"][..., None] * maps["noise"])
         else:
             assert set(maps) == {"signal", "noise", "difference", "lambda"}
             *_, v = m.split_qkv(x)
@@ -94,6 +102,8 @@ def test_attention_maps_are_float32_for_low_precision_modules(kind):
     assert all(t.dtype == torch.float32 for t in maps.values())
     assert all(t.shape == (1, 4 if kind == "gda" else MODULES[kind].get("num_heads"), 5, 5)
                for k, t in maps.items() if k != "lambda")
+    if kind == "diffv2":
+        assert maps["lambda"].shape == (1, 4, 5)  # per output head and token
 
 
 def test_timm_attention_map_reproduces_its_forward_in_float64():
@@ -213,6 +223,30 @@ def test_attention_maps_script_end_to_end(tmp_path):
 
     with pytest.raises(SystemExit):  # an index past the split: a clear argparse error
         attention_maps.main([*argv[:8], "--indices", "20", "--num-summary", "0", "--out", str(out)])
+
+
+def test_attention_maps_script_reads_diffv2_models(tmp_path):
+    data = make_cifar_npz(tmp_path / "cifar10", per_class_train=1, per_class_test=1)
+    torch.manual_seed(0)
+    import diffvision.models  # noqa: F401  (registers the timm models)
+    files = {}
+    for name in ("vit_tiny_patch4_32", "diffv2_vit_tiny_patch4_32"):
+        model = timm.create_model(name, num_classes=10, **TINY).eval()
+        files[name] = tmp_path / f"{name}.pth"
+        torch.save(model.state_dict(), files[name])
+    out = tmp_path / "out"
+    assert attention_maps.main([
+        "vit_tiny_patch4_32", "diffv2_vit_tiny_patch4_32", "--standard-weights", str(files["vit_tiny_patch4_32"]),
+        "--diff-weights", str(files["diffv2_vit_tiny_patch4_32"]), "--standard-kwargs", json.dumps(TINY),
+        "--diff-kwargs", json.dumps(TINY), "--dataset", "cifar10_npz", "--root", str(data), "--cache-dir",
+        str(tmp_path / "cache"), "--indices", "3", "--layer", "-1", "--num-summary", "4", "--batch-size", "4",
+        "--device", "cpu", "--out", str(out)]) == 0
+    assert_png(out / "image00003_layer1.png")
+    rows = [r for r in csv.DictReader(open(out / "summary.csv")) if r["model"] == "diff"]
+    assert {r["kind"] for r in rows} == {"diffv2"} and {r["map"] for r in rows} == {"signal", "noise", "difference"}
+    assert len({r["head"] for r in rows}) == 1 + 4  # mean + DIFF V2-Ti's 4 output heads
+    lam = float(next(r for r in rows if r["map"] == "difference")["lambda"])
+    assert 0 < lam < 1  # σ(W_λ x), averaged
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 import diffvision  # noqa: F401  (registers the timm models)
 from diffvision import DiffDiTTransformer2DModel, differential_attention
-from diffvision.diffusion import resolve_attention_heads
+from diffvision.attention import twin_heads
 from diffvision.lightning import DiffusionModule, ImageClassifier
 from diffvision.models import CorruptCheckpointError, load_checkpoint_file, load_standard_vit_weights
 from _training_data import CONFIGS, QUIET, make_cifar_npz
@@ -242,23 +242,27 @@ UNKNOWN_NAMES = {
                           r"unknown preset 'DiT-S2' \(did you mean 'DiT-S/2'.*accepted: \['DiT-S/2'"),
     "DiT preset in lower case": (lambda: DiffDiTTransformer2DModel.from_preset("dit-b/4"),
                                  r"unknown preset 'dit-b/4' \(did you mean 'DiT-B/4'"),
-    "DiT attention_type": (lambda: DiffDiTTransformer2DModel(**{**DIT_KW, "attention_type": "dif"}),
-                           r"attention_type='dif' is not supported \(did you mean 'diff'.*accepted"),
-    "resolve_attention_heads kind": (lambda: resolve_attention_heads("Standard", 6, 48),
-                                     r"'Standard' is not supported \(did you mean 'standard'"),
-    "DiT backend in config": (lambda: DiffDiTTransformer2DModel(**{**DIT_KW, "diff_attention_backend": "sdp"}),
-                              r"'sdp' is not supported \(did you mean 'sdpa'.*accepted"),
-    "DiT backend switch": (lambda: DiffDiTTransformer2DModel(**DIT_KW).set_differential_attention_backend("trition"),
-                           r"'trition' is not supported \(did you mean 'triton'"),
+    "DiT attn_kind": (lambda: DiffDiTTransformer2DModel(**{**DIT_KW, "attn_kind": "dif"}),
+                      r"unknown attn_kind 'dif' \(did you mean 'diff'.*accepted"),
+    "DiT attn_kind, old name": (lambda: DiffDiTTransformer2DModel(**{**DIT_KW, "attention_type": "dif"}),
+                                r"unknown attn_kind 'dif' \(did you mean 'diff'.*accepted"),
+    "twin_heads kind": (lambda: twin_heads("Standard", 48, 6), r"unknown attn_kind 'Standard' \(did you mean 'standard'"),
+    "DiT backend in config": (lambda: DiffDiTTransformer2DModel(**{**DIT_KW, "attn_backend": "sdp"}),
+                              r"unknown attn_backend 'sdp' \(did you mean 'sdpa'.*accepted"),
+    "DiT backend, old name": (lambda: DiffDiTTransformer2DModel(**{**DIT_KW, "diff_attention_backend": "sdp"}),
+                              r"unknown attn_backend 'sdp' \(did you mean 'sdpa'.*accepted"),
+    "DiT backend switch": (lambda: DiffDiTTransformer2DModel(**DIT_KW).set_attention_backend("trition"),
+                           r"unknown attn_backend 'trition' \(did you mean 'triton'"),
     "ViT attn_kind": (lambda: vit(attn_kind="dif"), r"unknown attn_kind 'dif' \(did you mean 'diff'.*accepted"),
     "ViT attn_backend": (lambda: vit(attn_backend="mat"), r"unknown attn_backend 'mat' \(did you mean 'math'"),
-    "ViT backend switch": (lambda: vit().set_attn_backend("SDPA"), r"'SDPA' \(did you mean 'sdpa'"),
+    "ViT backend switch": (lambda: vit().set_attention_backend("SDPA"), r"'SDPA' \(did you mean 'sdpa'"),
+    "ViT lambda_mode": (lambda: vit(lambda_mode="reparm"), r"unknown lambda_mode 'reparm' \(did you mean 'reparam'"),
     "DiffusionModule preset": (lambda: DiffusionModule(**{**DIFFUSION_KW, "preset": "DiT-XS/2"}),
                                r"unknown preset 'DiT-XS/2' \(did you mean .*'DiT-S/2'"),
     "DiffusionModule sampler": (lambda: DiffusionModule(**{**DIFFUSION_KW, "sampler": "dpm-solver"}),
                                 r"unknown sampler 'dpm-solver' \(did you mean 'dpmsolver'.*accepted"),
-    "nothing close": (lambda: DiffusionModule(**{**DIFFUSION_KW, "attention_type": "linear"}),
-                      r"^attention_type='linear' is not supported; accepted: \('standard', 'diff', 'gda'\)$"),
+    "nothing close": (lambda: DiffusionModule(**{**DIFFUSION_KW, "attn_kind": "linear"}),
+                      r"^unknown attn_kind 'linear'; accepted: \['standard', 'diff', 'gda', 'diffv2'\]$"),
 }
 
 
@@ -309,21 +313,30 @@ def test_tiny_checkpoint_into_wider_model(vit_files):
         vit(embed_dim=96, pretrained=True, pretrained_cfg_overlay=dict(file=str(vit_files / "diff.pth")))
 
 
-@pytest.mark.parametrize("saved, loaded", [("standard", "diff"), ("diff", "standard"), ("diff", "gda")])
+DIT_SWAPS = {  # saved kind -> loaded kind: (exception, what the message says)
+    ("standard", "diff"): (ValueError, r"missing from the checkpoint: \['transformer_blocks\.0\.attn\.lambda_k1'"),
+    ("diff", "standard"): (ValueError, r"in the checkpoint but not in the model: \['transformer_blocks\.0\.attn\.lambda_k1'"),
+    ("diff", "gda"): (RuntimeError, r"size mismatch for transformer_blocks\.0\.attn\.lambda_q1"),  # λ of another size
+    ("standard", "diffv2"): (ValueError, r"missing from the checkpoint: \['transformer_blocks\.0\.attn\.lambda_proj\.weight'\]"),
+    ("diffv2", "diff"): (ValueError, r"missing from the checkpoint: \['transformer_blocks\.0\.attn\.lambda_k1'.*\n"
+                                     r"  in the checkpoint but not in the model: \['transformer_blocks\.0\.attn\.lambda_proj"),
+}
+
+
+@pytest.mark.parametrize("saved, loaded", list(DIT_SWAPS))
 def test_dit_checkpoint_of_another_attention_type(tmp_path, saved, loaded):
-    """q/k/v/proj shapes agree across attention types, so diffusers alone would load the weights (missing
-    λ parameters as uninitialised memory) and only warn: from_pretrained refuses, naming the keys."""
+    """q/k/v/proj shapes agree across attention kinds (width 36: DIFF V2 has 4 heads of 9 on 2 key/value
+    heads, qkv 36 -> 108 as the others), so diffusers alone would load the weights (missing λ parameters as
+    uninitialised memory) and only warn: from_pretrained refuses, naming the keys."""
     gda = dict(signal_heads=2, noise_heads=1)
     kw = {**DIT_KW, "num_attention_heads": 3, "attention_head_dim": 12}
-    DiffDiTTransformer2DModel(**kw, attention_type=saved, **(gda if saved == "gda" else {})).save_pretrained(tmp_path)
+    DiffDiTTransformer2DModel(**kw, attn_kind=saved, **(gda if saved == "gda" else {})).save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    config.update(attention_type=loaded, **(gda if loaded == "gda" else dict(signal_heads=None, noise_heads=None)))
+    config.update(attn_kind=loaded, **(gda if loaded == "gda" else dict(signal_heads=None, noise_heads=None)))
     (tmp_path / "config.json").write_text(json.dumps(config))
-    missing = "missing from the checkpoint" if saved == "standard" else "in the checkpoint but not in the model"
-    exc = RuntimeError if "gda" in (saved, loaded) else ValueError  # GDA's λ vectors have another shape
-    match = (r"size mismatch for transformer_blocks\.0\.attn\.lambda_q1" if exc is RuntimeError else
-             rf"do not fit DiffDiTTransformer2DModel\(attention_type='{loaded}'.*\n  {missing}: "
-             r"\['transformer_blocks\.0\.attn\.lambda_k1'")
+    exc, match = DIT_SWAPS[(saved, loaded)]
+    if exc is ValueError:
+        match = rf"do not fit DiffDiTTransformer2DModel\(attn_kind='{loaded}'.*\n  " + match
     with pytest.raises(exc, match=match):
         DiffDiTTransformer2DModel.from_pretrained(tmp_path)
 

@@ -49,13 +49,13 @@ def dataset():
 
 
 def ideal_pipeline(sampler: str) -> tuple[DiffDiTPipeline, torch.Tensor, torch.Tensor]:
-    module = DiffusionModule(preset="DiT-S/2", attention_type="standard", learn_sigma=False,
+    module = DiffusionModule(preset="DiT-S/2", attn_kind="standard", learn_sigma=False,
                              transformer_kwargs=dict(num_layers=1, num_attention_heads=2, attention_head_dim=8),
                              num_classes=CLASSES, img_size=SIZE, in_chans=CHANNELS, sampler=sampler,
                              fid_num_samples=0, num_sample_images=0)
     images, labels = dataset()
     model = IdealDenoiser(num_layers=1, num_attention_heads=2, attention_head_dim=8, in_channels=CHANNELS,
-                          sample_size=SIZE, patch_size=2, num_classes=CLASSES, attention_type="standard")
+                          sample_size=SIZE, patch_size=2, num_classes=CLASSES, attn_kind="standard")
     model.set_data(images, labels, module.noise_scheduler.alphas_cumprod)
     pipe = DiffDiTPipeline(transformer=model, scheduler=module.sampling_scheduler())
     pipe.set_progress_bar_config(disable=True)
@@ -114,7 +114,7 @@ def test_clipped_ddim_is_adm_ddim():
     The model is an untrained DiT with random weights, whose x̂_0 leaves [-1, 1] at every step."""
     pipe, _, _ = ideal_pipeline("ddim")
     model = DiffDiTTransformer2DModel(num_layers=1, num_attention_heads=2, attention_head_dim=8, in_channels=CHANNELS,
-                                      sample_size=SIZE, patch_size=2, num_classes=CLASSES, attention_type="standard")
+                                      sample_size=SIZE, patch_size=2, num_classes=CLASSES, attn_kind="standard")
     with torch.no_grad():
         g = torch.Generator().manual_seed(0)
         for p in model.parameters():

@@ -17,11 +17,11 @@ sweep = load_train_script("sweep")
 
 def write_spec(path: Path, **overrides) -> Path:
     spec = dict(task="classification", config=str(CONFIGS / "cifar10_vit_fractions.yaml"),
-                kinds={"standard": "vit_tiny_patch4_32",
+                arms={"standard": "vit_tiny_patch4_32",
                        "diff": {"model": "diff_vit_tiny_patch4_32", "model_kwargs": {"num_heads": 1}}},
                 epochs={0.1: 4, 1.0: 1}, validations=2, seeds=[0, 1])
     spec.update(overrides)
-    path.write_text(yaml.safe_dump(spec))
+    path.write_text(yaml.safe_dump({k: v for k, v in spec.items() if v is not None}))  # None: leave the key out
     return path
 
 
@@ -36,9 +36,9 @@ def test_spec_jobs_and_commands(tmp_path):
     assert job.epochs == 4 and job.val_every == 2  # 2 validations, the last at the final epoch
     cmd = sweep.fit_command(spec, job)
     assert cmd[cmd.index("--data.data_fraction") + 1] == "0.1" and cmd[cmd.index("--seed_everything") + 1] == "1"
-    assert cmd[cmd.index("--data.fraction_seed") + 1] == "1"  # the seed picks the subset too: kinds are paired
+    assert cmd[cmd.index("--data.fraction_seed") + 1] == "1"  # the seed picks the subset too: arms are paired
     kwargs = json.loads(cmd[cmd.index("--model.init_args.model_kwargs") + 1])
-    assert kwargs == {"depth": 6, "drop_path_rate": 0.1, "num_heads": 1}  # per-kind keywords over the config's
+    assert kwargs == {"depth": 6, "drop_path_rate": 0.1, "num_heads": 1}  # per-arm keywords over the config's
     assert cmd[-4:] == ["--data.root", "D", "--ckpt_path", "last"]
     only = sweep.build_jobs(spec, tmp_path, ["diff"], [1.0], [0], ["--trainer.max_epochs", "3"])
     assert [(j.name, j.epochs) for j in only] == [("diff_f100_s0", 3)]  # an override after -- wins
@@ -54,7 +54,9 @@ def test_validation_interval_divides_the_epochs(epochs, validations, interval):
     (dict(task="segmentation"), "task must be one of"),
     (dict(colour="red"), "unknown keys"),
     (dict(epochs={1.5: 3}), "epochs maps a fraction"),
-    (dict(kinds={"diff": {"name": "x"}}), "kinds.diff"),
+    (dict(arms={"diff": {"name": "x"}}), "arms.diff"),
+    (dict(task="generation", config=str(CONFIGS / "cifar10_dit_fractions.yaml"), arms={"v2": "diffv3"}),
+     r"unknown attn_kind 'diffv3' \(did you mean 'diffv2'"),
 ])
 def test_bad_specs_are_refused(tmp_path, change, message):
     with pytest.raises(ValueError, match=message):
@@ -65,13 +67,24 @@ def test_bad_specs_are_refused(tmp_path, change, message):
 
 def test_unknown_selection_is_refused(tmp_path):
     spec = sweep.load_spec(write_spec(tmp_path / "s.yaml"))
-    with pytest.raises(SystemExit, match="unknown kind"):
+    with pytest.raises(SystemExit, match="unknown arm"):
         sweep.build_jobs(spec, tmp_path, ["gda"], None, None, [])
+
+
+def test_generation_arms_name_an_attn_kind_and_old_specs_still_load(tmp_path):
+    spec = sweep.load_spec(write_spec(
+        tmp_path / "s.yaml", task="generation", config=str(CONFIGS / "cifar10_dit_fractions.yaml"), arms=None,
+        kinds={"standard": "standard", "v2_kv1": {"attn_kind": "diffv2", "model_kwargs": {"num_kv_heads": 1}}}))
+    assert list(spec["arms"]) == ["standard", "v2_kv1"]  # the spec key's old name, "kinds", is read as "arms"
+    job = next(j for j in sweep.build_jobs(spec, tmp_path, ["v2_kv1"], [1.0], [0], []))
+    cmd = sweep.fit_command(spec, job)
+    assert cmd[cmd.index("--model.init_args.attn_kind") + 1] == "diffv2"
+    assert json.loads(cmd[cmd.index("--model.init_args.transformer_kwargs") + 1])["num_kv_heads"] == 1
 
 
 def test_sweep_runs_writes_results_and_skips_finished_runs(tmp_path, capsys):
     data = make_cifar_npz(tmp_path / "cifar", per_class_train=4, per_class_test=2)
-    spec_path = write_spec(tmp_path / "s.yaml", kinds={"diff": "diff_vit_tiny_patch4_32"}, epochs={0.5: 2},
+    spec_path = write_spec(tmp_path / "s.yaml", arms={"diff": "diff_vit_tiny_patch4_32"}, epochs={0.5: 2},
                            seeds=[3])
     extra = ["--data.root", str(data), "--data.cache_dir", str(tmp_path / "cache"), "--data.num_workers", "0",
              "--data.batch_size", "10", "--data.eval_batch_size", "10", "--trainer.precision", "32-true",
@@ -96,7 +109,7 @@ def test_sweep_runs_writes_results_and_skips_finished_runs(tmp_path, capsys):
 
 def test_wall_time_counts_every_attempt_of_a_resumed_run(tmp_path, capsys):
     data = make_cifar_npz(tmp_path / "cifar", per_class_train=4, per_class_test=2)
-    spec_path = write_spec(tmp_path / "s.yaml", kinds={"standard": "vit_tiny_patch4_32"}, epochs={0.5: 2}, seeds=[0])
+    spec_path = write_spec(tmp_path / "s.yaml", arms={"standard": "vit_tiny_patch4_32"}, epochs={0.5: 2}, seeds=[0])
     extra = ["--data.root", str(data), "--data.cache_dir", str(tmp_path / "cache"), "--data.num_workers", "0",
              "--data.batch_size", "10", "--trainer.precision", "32-true",
              "--model.init_args.model_kwargs", "{depth: 1, embed_dim: 32, num_heads: 1}", *QUIET]

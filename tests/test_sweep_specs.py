@@ -1,5 +1,5 @@
-"""The sweep specs that ship in ``configs/sweeps/``: every kind of every spec becomes a CLI run that
-builds, with the spec's epochs and fraction, and the kinds compared in one spec have equal parameter
+"""The sweep specs that ship in ``configs/sweeps/``: every arm of every spec becomes a CLI run that
+builds, with the spec's epochs and fraction, and the arms compared in one spec have equal parameter
 counts (the experiments' premise)."""
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def test_every_spec_is_found():
 
 
 @pytest.mark.parametrize("spec_path", SPECS, ids=[p.stem for p in SPECS])
-def test_spec_kinds_build_with_equal_parameters(spec_path, data_roots, tmp_path):
+def test_spec_arms_build_with_equal_parameters(spec_path, data_roots, tmp_path):
     spec = sweep.load_spec(spec_path)
     jobs = sweep.build_jobs(spec, tmp_path, None, [min(spec["epochs"])], [spec["seeds"][0]], [])
     params = {}
@@ -37,8 +37,8 @@ def test_spec_kinds_build_with_equal_parameters(spec_path, data_roots, tmp_path)
         assert cli.trainer.max_epochs == job.epochs == spec["epochs"][job.fraction]
         assert cli.datamodule.data_fraction == job.fraction
         assert cli.trainer.check_val_every_n_epoch == job.val_every
-        params[job.kind] = sum(p.numel() for p in cli.model.parameters() if p.requires_grad)
-    assert set(params) == set(spec["kinds"])
+        params[job.arm] = sum(p.numel() for p in cli.model.parameters() if p.requires_grad)
+    assert set(params) == set(spec["arms"])
     reference = params.get("standard", max(params.values()))
     for kind, count in params.items():  # "equal parameter count": within 0.1% of the standard model
         assert abs(count - reference) <= 1e-3 * reference, (kind, count, reference)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import timm
 import timm.optim
-import diffvision  # noqa: F401  (registers the models)
+import diffvision  # registers the models
 from diffvision.attention import lambda_init_schedule
 from diffvision.models import DiffVisionTransformer, load_standard_vit_weights
 from timm.models import save_for_hf
@@ -23,8 +23,9 @@ from timm.models import save_for_hf
 DIFF_NAMES = [f'diff_vit_{s}' for s in ('tiny_patch16_224', 'small_patch16_224', 'base_patch16_224',
                                         'tiny_patch4_32', 'small_patch4_32')]
 GDA_NAMES = [n.replace('diff_', 'gda_') for n in DIFF_NAMES]
+DIFFV2_NAMES = [n.replace('diff_', 'diffv2_') for n in DIFF_NAMES]
 TWIN_NAMES = ['vit_tiny_patch4_32', 'vit_small_patch4_32']
-ALL_NAMES = DIFF_NAMES + GDA_NAMES + TWIN_NAMES
+ALL_NAMES = DIFF_NAMES + GDA_NAMES + DIFFV2_NAMES + TWIN_NAMES
 
 WIDTH = {'tiny': 192, 'small': 384, 'base': 768}
 # Head layouts written out by hand from the design (not read back from the code):
@@ -33,6 +34,8 @@ LAYOUT = {
     'diff_tiny': (3, 3, 32, 64), 'diff_small': (3, 3, 64, 128), 'diff_base': (6, 6, 64, 128),
     'gda_tiny': (2, 1, 64, 96), 'gda_small': (4, 2, 64, 96), 'gda_base': (8, 4, 64, 96),
 }
+# DIFF V2: (output heads h, key/value heads, head dim); 2h query heads. ViT-Ti's 3 heads are odd: 4 of 48.
+V2_LAYOUT = {'diffv2_tiny': (4, 2, 48), 'diffv2_small': (6, 3, 64), 'diffv2_base': (12, 6, 64)}
 NUM_CLASSES = 7
 
 
@@ -80,7 +83,12 @@ def images(name, batch=2, seed=0):
 
 
 def diff_only_names(model):
+    """λ (vectors, per-head scalars or DIFF V2's W_λ) and the per-head RMSNorm scale."""
     return [n for n, _ in model.named_parameters() if '.attn.lambda_' in n or '.attn.sub_norm.' in n]
+
+
+def kind_of(name):
+    return name.split('_vit_')[0]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -90,6 +98,7 @@ def diff_only_names(model):
 def test_registered_names_exist_and_do_not_shadow_timm():
     assert sorted(timm.list_models('diff_vit*')) == sorted(DIFF_NAMES)
     assert sorted(timm.list_models('gda_vit*')) == sorted(GDA_NAMES)
+    assert sorted(timm.list_models('diffv2_vit*')) == sorted(DIFFV2_NAMES)
     ours = [n for n in timm.list_models() if timm.models.model_entrypoint(n).__module__.startswith('diffvision')]
     assert sorted(ours) == sorted(ALL_NAMES)
     for name in ('vit_tiny_patch16_224', 'vit_small_patch16_224', 'vit_base_patch16_224'):
@@ -118,10 +127,16 @@ def test_default_cfg_and_full_size_layout(name):
         assert type(m) is timm.models.VisionTransformer
         assert m.blocks[0].attn.num_heads == WIDTH[size_of(name)] // 64
         return
-    kind = name.split('_')[0]
-    hs, hn, d, dv = LAYOUT[f'{kind}_{size_of(name)}']
+    kind = kind_of(name)
     assert isinstance(m, DiffVisionTransformer) and m.attn_kind == kind
     layout = m.attn_layout
+    if kind == 'diffv2':
+        h, hkv, d = V2_LAYOUT[f'{kind}_{size_of(name)}']
+        assert (layout['num_heads'], layout['query_heads'], layout['num_kv_heads'], layout['head_dim']) == \
+            (h, 2 * h, hkv, d)
+        assert 'DIFF V2' in cfg['description'] and 'Diff-Transformer-V2' in cfg['origin_url']
+        return
+    hs, hn, d, dv = LAYOUT[f'{kind}_{size_of(name)}']
     assert (layout['signal_heads'], layout['noise_heads'], layout['head_dim'], layout['value_head_dim']) \
         == (hs, hn, d, dv)
     assert ('DIFF' if kind == 'diff' else 'grouped differential') in cfg['description']
@@ -129,13 +144,17 @@ def test_default_cfg_and_full_size_layout(name):
         assert blk.attn.lambda_init == pytest.approx(lambda_init_schedule(i))  # λinit follows depth
 
 
-@pytest.mark.parametrize('name', DIFF_NAMES + GDA_NAMES)
+@pytest.mark.parametrize('name', DIFF_NAMES + GDA_NAMES + DIFFV2_NAMES)
 def test_parameter_count_within_one_percent_of_standard_twin(name):
     m, twin = timm.create_model(name, device='meta'), timm.create_model(twin_of(name), device='meta')
     n, n_twin = (sum(p.numel() for p in x.parameters()) for x in (m, twin))
-    hs, hn, d, dv = LAYOUT[f"{name.split('_')[0]}_{size_of(name)}"]
-    # the only extra parameters: 4 λ vectors of d and one RMSNorm scale of dv per block
-    assert n - n_twin == 12 * (4 * d + dv)
+    if kind_of(name) == 'diffv2':
+        h, _, _ = V2_LAYOUT[f'diffv2_{size_of(name)}']
+        assert n - n_twin == 12 * WIDTH[size_of(name)] * h  # the only extra: W_λ (dim -> h) per block
+    else:
+        hs, hn, d, dv = LAYOUT[f"{kind_of(name)}_{size_of(name)}"]
+        # the only extra parameters: 4 λ vectors of d and one RMSNorm scale of dv per block
+        assert n - n_twin == 12 * (4 * d + dv)
     assert abs(n - n_twin) / n_twin < 0.01
     # and the projections have exactly the twin's shapes, so weights can map one to one
     assert m.blocks[0].attn.qkv.weight.shape == twin.blocks[0].attn.qkv.weight.shape
@@ -167,7 +186,7 @@ def test_forward_backward_and_grad_checkpointing(name):
     (out0, g0), (out1, g1) = runs
     for n, p in m.named_parameters():
         assert n in g0 and torch.isfinite(g0[n]).all(), f'no or bad gradient for {n}'
-    for n in diff_only_names(m):  # λ and the per-head RMSNorm learn
+    for n in diff_only_names(m):  # λ (or W_λ) and the per-head RMSNorm learn
         assert g0[n].abs().sum() > 0, n
     assert torch.allclose(out0, out1, rtol=1e-4, atol=1e-5)
     for n in g0:
@@ -262,9 +281,17 @@ def test_model_kwargs():
         timm.create_model('diff_vit_tiny_patch4_32', noise_heads=1, depth=1)
     with pytest.raises(ValueError, match='attn_kind'):
         timm.create_model('diff_vit_tiny_patch4_32', block_fn=timm.models.vision_transformer.Block, depth=1)
+    with pytest.raises(ValueError, match="num_kv_heads=1 only applies to attn_kind='diffv2'"):
+        timm.create_model('gda_vit_tiny_patch4_32', num_kv_heads=1, depth=1)
+    with pytest.raises(ValueError, match="attn_kind='diffv2' does not run on attn_backend='triton'"):
+        timm.create_model('diffv2_vit_tiny_patch4_32', attn_backend='triton', depth=1)
+    with pytest.raises(ValueError, match="attn_kind='diffv2' takes no lambda_mode"):
+        timm.create_model('diffv2_vit_tiny_patch4_32', lambda_mode='fixed', depth=1)
+    free = timm.create_model('diffv2_vit_small_patch4_32', num_kv_heads=1, depth=1)  # MQA, as the official code allows
+    assert free.attn_layout['num_kv_heads'] == 1 and free.blocks[0].attn.qkv.out_features == (12 + 2) * 64
 
 
-@pytest.mark.parametrize('name', ['diff_vit_tiny_patch4_32', 'gda_vit_small_patch16_224'])
+@pytest.mark.parametrize('name', ['diff_vit_tiny_patch4_32', 'gda_vit_small_patch16_224', 'diffv2_vit_small_patch4_32'])
 def test_attn_backend_kwarg_selects_kernel_with_equal_outputs(name):
     torch.manual_seed(0)
     m = timm.create_model(name, attn_backend='math', **small_kwargs(name)).eval()
@@ -273,11 +300,17 @@ def test_attn_backend_kwarg_selects_kernel_with_equal_outputs(name):
     x = images(name)
     with torch.no_grad():
         ref = m(x)
-        m.set_attn_backend('sdpa')
+        m.set_attention_backend('sdpa')
         assert {b.attn.backend for b in m.blocks} == {'sdpa'}
         assert torch.allclose(m(x), ref, rtol=1e-4, atol=1e-5)
+        with pytest.warns(FutureWarning, match='use set_attention_backend'):  # the old name still works
+            m.set_attn_backend('math')  # noqa: the deprecated name, on purpose
+        assert {b.attn.backend for b in m.blocks} == {'math'}
     with pytest.raises(ValueError, match='accepted'):
-        m.set_attn_backend('nope')
+        m.set_attention_backend('nope')
+    with pytest.raises(ValueError, match='has no attention layer with a kernel backend'):
+        diffvision.set_attention_backend(timm.create_model('diff_vit_tiny_patch4_32', attn_kind='standard', depth=1),
+                                         'sdpa')
 
 
 @pytest.mark.parametrize('name', ['diff_vit_small_patch16_224', 'gda_vit_base_patch16_224'])
@@ -293,6 +326,19 @@ def test_timm_init_keeps_lambda_and_sub_norm_init(name):
         w = m.blocks[0].attn.qkv.weight
         expected = math.sqrt(2 / sum(w.shape)) if mode == 'jax' else 0.02  # xavier / trunc_normal(.02)
         assert w.std().item() == pytest.approx(expected, rel=0.05)  # timm's init did run on the Linears
+
+
+def test_timm_init_keeps_the_official_lambda_projection_init():
+    """DIFF V2's W_λ starts as the official code's nn.Linear (U(±1/√dim), std 1/√(3·dim)) under either timm
+    init, so λ = σ(W_λ x) starts spread around 0.5 whatever the model's own init does."""
+    m = cached('diffv2_vit_base_patch16_224')
+    for mode in ('', 'jax'):
+        if mode:
+            m = copy.deepcopy(m)
+            m.init_weights(mode)
+        w = torch.cat([b.attn.lambda_proj.weight.detach().flatten() for b in m.blocks])
+        assert w.std().item() == pytest.approx(1 / math.sqrt(3 * 768), rel=0.05)
+        assert w.abs().max().item() <= 1 / math.sqrt(768)
 
 
 @pytest.mark.parametrize('name', ['diff_vit_tiny_patch4_32', 'gda_vit_tiny_patch16_224'])
@@ -315,6 +361,20 @@ def test_no_weight_decay_and_group_matcher(name):
     group_of = {n: gid for gid, names in groups.items() for n in names}
     assert group_of['blocks.1.attn.lambda_q1'] == group_of['blocks.1.attn.qkv.weight']
     assert group_of['blocks.1.attn.lambda_q1'] != group_of['blocks.2.attn.lambda_q1']
+
+
+def test_diffv2_lambda_projection_is_decayed_and_stays_with_its_block():
+    """W_λ is a projection of the tokens, decayed like q/k/v (decay pulls λ towards σ(0) = 0.5); layer-wise
+    LR decay keeps it with its block."""
+    m = cached('diffv2_vit_tiny_patch4_32')
+    nwd = m.no_weight_decay()
+    assert not any('lambda' in n for n in nwd) and {'pos_embed', 'cls_token'} <= nwd
+    opt = timm.optim.create_optimizer_v2(m, 'adamw', lr=1e-3, weight_decay=0.05)
+    decay = {id(p) for g in opt.param_groups if g['weight_decay'] > 0 for p in g['params']}
+    assert all(id(b.attn.lambda_proj.weight) in decay for b in m.blocks)
+    group_of = {n: gid for gid, names in timm.models.group_parameters(m, m.group_matcher()).items() for n in names}
+    assert group_of['blocks.1.attn.lambda_proj.weight'] == group_of['blocks.1.attn.qkv.weight']
+    assert group_of['blocks.1.attn.lambda_proj.weight'] != group_of['blocks.2.attn.lambda_proj.weight']
 
 
 # ------------------------------------------------------------------------------------------------
@@ -397,6 +457,38 @@ def test_tiny_diff_mapping_splits_each_standard_head():
         assert torch.equal(dv[:, j], v[:, j])
 
 
+def test_diffv2_mapping_is_the_gqa_mean_of_standard_heads(vit_small_file):
+    """Standard ViT-S onto DIFF V2-S: query head 2i is standard head i, the noise query 2i+1 keeps its init, and
+    key/value head g is the mean of standard heads 2g and 2g+1 (which output heads 2g, 2g+1 replace)."""
+    src, path = vit_small_file
+    x = torch.randn(2, 5, 384)
+    m = timm.create_model('diffv2_vit_small_patch16_224', img_size=32, depth=2)
+    with torch.no_grad():
+        q_init = m.blocks[1].attn.split_qkv(x)[0]
+        report = load_standard_vit_weights(m, path)  # a file: timm's heads of 64 are assumed
+        q, k, v = timm_heads(src.blocks[1].attn, x)  # (B, 6, N, 64)
+        q2, k2, v2 = m.blocks[1].attn.split_qkv(x)   # (B, 12, N, 64), (B, 3, N, 64) x 2
+    for i in range(6):
+        assert torch.equal(q2[:, 2 * i], q[:, i]) and torch.equal(q2[:, 2 * i + 1], q_init[:, 2 * i + 1])
+    for g in range(3):
+        torch.testing.assert_close(k2[:, g], (k[:, 2 * g] + k[:, 2 * g + 1]) / 2)
+        torch.testing.assert_close(v2[:, g], (v[:, 2 * g] + v[:, 2 * g + 1]) / 2)
+    assert torch.equal(m.blocks[1].attn.proj.weight, src.blocks[1].attn.proj.weight)  # h·d = dim: copied
+    assert sorted(report.converted) == sorted(f'blocks.{i}.attn.qkv.{w}' for i in range(2) for w in ('weight', 'bias'))
+    assert sorted(report.kept_init) == sorted(f'blocks.{i}.attn.lambda_proj.weight' for i in range(2))
+    assert 'key/value heads <- mean of 2 standard heads' in str(report)
+    # timm's pretrained path maps the same way
+    via_timm = timm.create_model('diffv2_vit_small_patch16_224', pretrained=True, img_size=32, depth=2,
+                                 pretrained_cfg_overlay=dict(file=str(path)))
+    with torch.no_grad():
+        q3, k3, v3 = via_timm.blocks[1].attn.split_qkv(x)
+    assert torch.equal(q3[:, 0::2], q2[:, 0::2]) and torch.equal(k3, k2) and torch.equal(v3, v2)
+    # ViT-Ti's 3 heads of 64 have no output head per standard head in DIFF V2-Ti (4 heads of 48)
+    with pytest.raises(ValueError, match=r'no sound mapping from a standard ViT with 3 heads of 64 .*4 output heads of 48'):
+        load_standard_vit_weights(timm.create_model('diffv2_vit_tiny_patch16_224', img_size=32, depth=1),
+                                  timm.create_model('vit_tiny_patch16_224', img_size=32, depth=1))
+
+
 def test_block_wiring_matches_timm_vit_with_standard_attention():
     """With attn_kind='standard' the model must be timm's ViT exactly: same keys, same outputs."""
     torch.manual_seed(5)
@@ -453,7 +545,7 @@ def test_mapped_model_is_much_closer_to_its_source_than_a_fresh_one():
     x = torch.randn(8, 3, 48, 48, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         ref = src.forward_head(src.forward_features(x), pre_logits=True)
-        for name in ('diff_vit_small_patch16_224', 'gda_vit_small_patch16_224'):
+        for name in ('diff_vit_small_patch16_224', 'gda_vit_small_patch16_224', 'diffv2_vit_small_patch16_224'):
             fresh = timm.create_model(name, img_size=48, depth=4).eval()
             mapped = copy.deepcopy(fresh)
             load_standard_vit_weights(mapped, src)

@@ -1,4 +1,4 @@
-"""Attention maps of a standard ViT and a DIFF-ViT (or GDA-ViT): per-head pictures and a measured summary.
+"""Attention maps of a standard ViT and a DIFF-ViT (or GDA-ViT, DIFF V2-ViT): per-head pictures and a measured summary.
 
     python train/attention_maps.py STANDARD DIFF [--indices 0 1 2 3] [--layer -1|all]
         [--num-summary 1000] [--dataset cifar10_npz] [--root DIR] [--out docs/results/attention]
@@ -15,7 +15,8 @@ What it writes into ``--out``:
   map (standard attention; DIFF signal, noise, difference), one column per head plus the mean over
   heads. Each map is the class token's attention to the patches (class / register tokens dropped)
   on the patch grid; a row shares one colour scale; the difference uses a diverging colormap
-  centred at 0. For GDA the noise row shows, per signal head, the noise map that head subtracts.
+  centred at 0. For GDA the noise row shows, per signal head, the noise map that head subtracts; for
+  DIFF V2 the signal / noise rows are query heads 2i / 2i+1 of output head i.
 * ``summary.csv`` / ``summary.md``: over ``--num-summary`` validation images (evenly spaced over the
   split, so class-sorted data is covered), per layer, model, map and head: the entropy (nats) of the
   class token's attention over the patches, that entropy over its maximum log(P), and the mass on
@@ -24,7 +25,8 @@ What it writes into ``--out``:
   (signal − λ·noise, which has negative entries) on its **normalised positive part**
   ``max(d, 0) / Σ max(d, 0)`` (``--difference-mode abs`` uses ``|d| / Σ|d|`` instead). Also
   reported: the mass of the raw row on the class/register tokens and, for the difference, the
-  fraction of its absolute mass that is negative.
+  fraction of its absolute mass that is negative, and λ (DIFF / GDA: per head, averaged over heads;
+  DIFF V2: σ(W_λ x) per token and head, averaged over tokens, heads and images).
 
 Models without a class token get the mean over patch queries instead of the class token's row
 (said in the outputs). Runs on CUDA when available (``--device`` to choose).
@@ -130,8 +132,8 @@ def attention_maps_of(attn: nn.Module, x: Tensor, attn_mask: Optional[Tensor] = 
     from timm.layers import Attention
     if isinstance(attn, Attention):
         return _timm_attention_maps(attn, x, attn_mask, is_causal)
-    raise TypeError(f"cannot read attention maps from {type(attn).__name__}; accepted: diffvision's "
-                    f"MultiHeadAttention / DifferentialAttention / GroupedDifferentialAttention and timm's Attention")
+    raise TypeError(f"cannot read attention maps from {type(attn).__name__}; accepted: diffvision's attention "
+                    f"layers (diffvision.attention.ATTN_KINDS) and timm's Attention")
 
 
 def query_rows(maps: Tensor, num_prefix: int, query: str = "cls") -> Tensor:
@@ -191,11 +193,9 @@ class LoadedModel:
 
     @property
     def kind(self) -> str:
-        """``standard``, ``diff`` or ``gda``: from the attention modules themselves."""
-        attn = self.model.blocks[0].attn
-        if hasattr(attn, "signal_heads"):
-            return "diff" if attn.signal_heads == attn.noise_heads else "gda"
-        return "standard"
+        """The attention kind (``standard``, ``diff``, ``gda``, ``diffv2``), from the attention modules
+        themselves (timm's own ``Attention`` is ``standard``)."""
+        return getattr(self.model.blocks[0].attn, "attn_kind", "standard")
 
     @property
     def num_prefix(self) -> int:

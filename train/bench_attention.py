@@ -9,16 +9,20 @@ Attention level, bf16, for each shape (B, N, D, H) = (batch, tokens, width, stan
   * ``timm diff``: timm ``DiffAttention``'s attention core as it is in timm (num_heads = H,
     head_dim = D/H/2, values D/H): two SDPA calls and ``a1 − λ·a2``;
   * ``ours sdpa`` / ``ours triton``: ``differential_attention(backend=...)`` in the DIFF layout of
-    diffvision's modules (h = H/2 heads, d = D/H, dv = 2d).
+    diffvision's modules (h = H/2 heads, d = D/H, dv = 2d);
+  * ``ours diffv2``: ``differential_attention_v2`` (one SDPA call with ``enable_gqa``) in DIFF V2's
+    parameter-matched layout (2H query heads on H/2 key/value heads of D/H, λ per token and head).
 Times are medians of ``triton.testing.do_bench`` (which flushes L2 before every run), forward
 and forward+backward (gradients of every input, λ included). TF/s counts the useful FLOPs of the
 algorithm (standard: fwd 4·B·H·N²·(D/H), fwd+bwd 3.5× that; differential: fwd B·h·N²·(4d + 4dv),
-fwd+bwd B·h·N²·(16d + 8dv), the same count for every differential variant). Peak memory is the
+fwd+bwd B·h·N²·(16d + 8dv), the same count for every DIFF variant; DIFF V2: the standard count for 2H
+heads). Peak memory is the
 increase of ``max_memory_allocated`` over the inputs during one forward+backward.
 
 Model level: training images/s of ViT-S/16-224 (timm ``vit_small_patch16_224``), the same with
-timm's ``attn_layer='diff'``, and diffvision's ``diff_vit_small_patch16_224`` (backend auto, i.e.
-Triton on CUDA, and backend sdpa), bf16 autocast, AdamW, random data, same batch.
+timm's ``attn_layer='diff'``, diffvision's ``diff_vit_small_patch16_224`` (backend auto, i.e.
+Triton on CUDA, and backend sdpa) and ``diffv2_vit_small_patch16_224``, bf16 autocast, AdamW, random
+data, same batch.
 """
 from __future__ import annotations
 
@@ -41,12 +45,12 @@ SHAPES = [
     ("DiT-XL/2-512", 8, 1024, 1152, 16),
     ("long", 4, 4096, 1024, 16),
 ]
-METHODS = ("standard", "timm diff", "ours sdpa", "ours triton")
+METHODS = ("standard", "timm diff", "ours sdpa", "ours triton", "ours diffv2")
 
 
 def flops(method: str, B: int, N: int, D: int, H: int, backward: bool) -> float:
-    if method == "standard":
-        f = 4.0 * B * H * N * N * (D // H)
+    if method in ("standard", "ours diffv2"):
+        f = 4.0 * B * H * N * N * (D // H) * (2 if method == "ours diffv2" else 1)
         return f * 3.5 if backward else f
     h, d = H // 2, D // H
     dv = 2 * d
@@ -59,6 +63,9 @@ def make_inputs(method: str, B: int, N: int, D: int, H: int, device, dtype=torch
 
     if method == "standard":
         return [rnd(B, H, N, D // H) for _ in range(3)]
+    if method == "ours diffv2":  # q (B, 2H, N, D/H), k and v (B, H/2, N, D/H), λ = σ(·) per head and token
+        lam = torch.rand(B, H, N, device=device, dtype=dtype, requires_grad=True)
+        return [rnd(B, 2 * H, N, D // H), rnd(B, H // 2, N, D // H), rnd(B, H // 2, N, D // H), lam]
     if method == "timm diff":  # timm DiffAttention: q, k (B, 2H, N, D/2H) interleaved; v (B, H, N, D/H)
         lam = torch.tensor(0.5, device=device, requires_grad=True)
         return [rnd(B, 2 * H, N, D // H // 2), rnd(B, 2 * H, N, D // H // 2), rnd(B, H, N, D // H), lam]
@@ -68,8 +75,10 @@ def make_inputs(method: str, B: int, N: int, D: int, H: int, device, dtype=torch
 
 
 def make_fn(method: str):
-    from diffvision.attention import differential_attention
+    from diffvision.attention import differential_attention, differential_attention_v2
 
+    if method == "ours diffv2":
+        return lambda q, k, v, lam: differential_attention_v2(q, k, v, lam)
     if method == "standard":
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v)
     if method == "timm diff":
@@ -240,12 +249,7 @@ def build_models():
 
         def ours(backend):
             def make():
-                from diffvision.attention import GroupedDifferentialAttention
-                m = timm.create_model("diff_vit_small_patch16_224")
-                for mod in m.modules():
-                    if isinstance(mod, GroupedDifferentialAttention):
-                        mod.backend = backend
-                return m
+                return timm.create_model("diff_vit_small_patch16_224", attn_backend=backend)
             return make
         label = "diffvision diff_vit_small_patch16_224"
     except Exception as err:  # not registered yet: the same model from timm's ViT + our attention
@@ -266,6 +270,7 @@ def build_models():
         label = "DIFF-ViT-S (timm ViT + diffvision attention)"
     models[f"{label} [triton]"] = ours("auto")
     models[f"{label} [sdpa]"] = ours("sdpa")
+    models["diffvision diffv2_vit_small_patch16_224"] = lambda: timm.create_model("diffv2_vit_small_patch16_224")
     return models
 
 

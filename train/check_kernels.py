@@ -13,6 +13,12 @@ relative error says more about cancellation than about the kernel). Exits
 non-zero if any case fails. Cases include the benchmark shapes (batch reduced so the float64
 reference fits), odd N, M != N, causal, GDA 2:1 and 4:1, per-head λ, head dims 32/64/72/128 with
 value dims 2d, 96 and 144, boolean and additive masks (one row fully masked), and no-grad calls.
+
+Then the modules (bf16 autocast, forward + backward, against the same layer in float32 on ``math``):
+DIFF and GDA with every ``lambda_mode`` and ``head_norm`` setting on Triton, with ``sdpa`` beside it for
+scale; DIFF V2 (one SDPA call with ``enable_gqa``), with the SDPA kernels (flash, cuDNN, efficient) that
+accept it.
+``--max-cases 0`` runs the modules only.
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from diffvision.attention import DifferentialAttention, differential_attention
+from diffvision.attention import DifferentialAttention, differential_attention, set_attention_backend
 
 TOL = {torch.bfloat16: 2e-2, torch.float16: 1e-2, torch.float32: 1e-4}  # float32: interpreter runs
 GRAD_NAMES = ("q1", "k1", "q2", "k2", "v", "lam")
@@ -258,27 +264,67 @@ def check_case(case: Case, seed: int, device) -> dict:
     return dict(errs=errs, sdpa=sdpa, ok=ok, worst=worst, tol=tol)
 
 
-def check_module(device) -> dict:
-    """DifferentialAttention with backend='auto' picks Triton on CUDA and matches backend='sdpa'."""
+def _module_run(layer, x, backend, autocast=True):
+    """Output and gradients (of the input and of each parameter) of one forward + backward, under bf16
+    autocast or (``autocast=False``) in the layer's own float32."""
+    set_attention_backend(layer, backend)
+    layer.zero_grad()
+    xx = x.clone().requires_grad_(True)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        y = layer(xx)
+    y.float().square().mean().backward()
+    grads = {"x": xx.grad.float()}
+    grads.update({n: p.grad.float() for n, p in layer.named_parameters() if p.grad is not None})
+    return y.float(), grads
+
+
+def _errors(out, grads, ref_out, ref_grads) -> dict:
+    errs = {"out": rel(out, ref_out)}
+    errs.update({n: rel(g, ref_grads[n]) for n, g in grads.items()})
+    return errs
+
+
+def check_modules(device) -> list[dict]:
+    """The attention modules on CUDA, forward + backward under bf16 autocast, against the same layer in
+    float32 on the 'math' backend: DIFF and GDA with every λ mode and head-norm setting on Triton (what 'auto'
+    picks) and, for scale, on 'sdpa'; DIFF V2's one SDPA call (flash / cuDNN with enable_gqa), and which SDPA
+    kernels accept it. A row passes when every error of the tested backend is within the bf16 tolerance or
+    within twice the other bf16 backend's error on the same inputs (bf16 rounding, not a wrong result)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from diffvision.attention import DifferentialAttentionV2, GroupedDifferentialAttention
+
+    rows = []
+    x = torch.randn(8, 197, 384, device=device, generator=torch.Generator(device).manual_seed(0))
+
+    def row(name, layer, tested, other, note=""):
+        ref_out, ref_grads = _module_run(layer, x, "math", autocast=False)
+        runs = {b: _module_run(layer, x, b) for b in (tested, other, "auto")}
+        errs = {b: _errors(*runs[b], ref_out, ref_grads) for b in (tested, other)}
+        ok = all(e <= max(TOL[torch.bfloat16], 2 * errs[other][k]) for k, e in errs[tested].items())
+        same = rel(runs["auto"][0], runs[tested][0]) == 0.0
+        rows.append(dict(name=name, tested=tested, other=other, errs=errs, same=same, ok=ok and same, note=note))
+
+    for kind in ("diff", "gda"):
+        for mode in ("reparam", "fixed", "scalar"):
+            for head_norm in (True, False):
+                torch.manual_seed(0)
+                layer = (DifferentialAttention(384, num_heads=3, depth=4, lambda_mode=mode, head_norm=head_norm)
+                         if kind == "diff" else
+                         GroupedDifferentialAttention(384, 4, 2, depth=4, lambda_mode=mode, head_norm=head_norm))
+                row(f"{kind} {mode} head_norm={head_norm}", layer.to(device), "triton", "sdpa")
     torch.manual_seed(0)
-    layer = DifferentialAttention(384, num_heads=3, depth=4).to(device)
-    x = torch.randn(8, 197, 384, device=device)
-    res = {}
-    outs, grads = [], []
-    for backend in ("sdpa", "triton", "auto"):
-        layer.backend = backend
-        layer.zero_grad()
-        xx = x.clone().requires_grad_(True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            y = layer(xx)
-        y.float().square().mean().backward()
-        outs.append(y.float())
-        grads.append(torch.cat([xx.grad.flatten(), layer.lambda_q1.grad.flatten(),
-                                layer.qkv.weight.grad.flatten()]))
-    res["auto==triton"] = rel(outs[2], outs[1]) == 0.0
-    res["out"] = rel(outs[1], outs[0])
-    res["grads"] = rel(grads[1], grads[0])
-    return res
+    v2 = DifferentialAttentionV2(384, num_heads=6).to(device)
+    kernels = []
+    for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
+        try:
+            with sdpa_kernel([getattr(SDPBackend, name)]):
+                _module_run(v2, x, "sdpa")
+            kernels.append(f"{name.split('_')[0].lower()} runs it")
+        except RuntimeError:
+            kernels.append(f"{name.split('_')[0].lower()} refuses it")
+    row("diffv2 (6 heads, 3 kv heads)", v2, "sdpa", "math", "; ".join(kernels))
+    return rows
 
 
 def _run_job(job):
@@ -301,7 +347,7 @@ def main() -> int:
                              "float32 only, small shapes): for developing this script")
     parser.add_argument("--dtype", choices=["float32"], default=None,
                         help="override every case's dtype (interpreter runs)")
-    parser.add_argument("--max-cases", type=int, default=None)
+    parser.add_argument("--max-cases", type=int, default=None, help="only the first N kernel cases (0: modules only)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="run cases in this many processes (compilation dominates; the GPU is shared)")
     args = parser.parse_args()
@@ -339,12 +385,8 @@ def main() -> int:
         print(line, f"[{elapsed:.1f}s]", flush=True)
         if r.get("error"):
             print("   ", r["error"], flush=True)
-    if device.type == "cuda":
-        mod = check_module(device)
-    else:
-        mod = {"auto==triton": False, "out": float("nan"), "grads": float("nan")}
-    mod_ok = mod["auto==triton"] and mod["out"] < 2e-2 and mod["grads"] < 3e-2
-    failed += not mod_ok
+    modules = check_modules(device) if device.type == "cuda" else []
+    failed += sum(not m["ok"] for m in modules)
 
     print("\n=== Triton differential attention vs float64 reference: ‖x − ref‖/‖ref‖ "
           f"(tolerance bf16 {TOL[torch.bfloat16]:g}, fp16 {TOL[torch.float16]:g}) ===")
@@ -354,9 +396,18 @@ def main() -> int:
         print(sd)
         if err:
             print("   ", err)
-    print(f"DifferentialAttention module (bf16 autocast): auto picks triton: {mod['auto==triton']}, "
-          f"triton vs sdpa out {mod['out']:.1e}, grads {mod['grads']:.1e}  {'PASS' if mod_ok else 'FAIL'}")
-    total = len(cases) + 1
+    print("\n=== attention modules (B=8, N=197, dim=384), bf16 autocast vs the float32 'math' layer: "
+          "‖x − ref‖/‖ref‖ of the output and of each gradient; 'auto' must pick the tested backend ===")
+    for m in modules:
+        for b in (m["tested"], m["other"]):
+            errs = m["errs"][b]
+            worst = max(errs, key=errs.get)
+            cells = " ".join(f"{k}={v:.1e}" for k, v in errs.items())
+            verdict = ("PASS" if m["ok"] else "FAIL") if b == m["tested"] else ""
+            print(f"{m['name'] if b == m['tested'] else '':36} {b:7} worst {worst}={errs[worst]:.1e}  {verdict}")
+            print(f"{'':36}         {cells}")
+        print(f"{'':36} auto picks {m['tested']}: {m['same']}" + (f"; {m['note']}" if m["note"] else ""))
+    total = len(cases) + len(modules)
     print(f"{total - failed}/{total} passed")
     return 1 if failed else 0
 

@@ -23,7 +23,7 @@ pack() {  # the small files of finished runs: results, metrics, configs, subsets
   tar czf "$OUT/$1.tgz" --exclude='*.ckpt' --exclude='events.out.*' "${@:2}" 2>/dev/null || true
 }
 
-last_ckpt() { ls "$1/$2_f100_s0"/version_*/checkpoints/last.ckpt | tail -1; }  # sweep root, kind
+last_ckpt() { ls "$1/$2_f100_s0"/version_*/checkpoints/last.ckpt | tail -1; }  # sweep root, arm
 
 case "$STAGE" in
   smoke)
@@ -32,11 +32,11 @@ case "$STAGE" in
     # classification: 3 kinds side by side on GPU 0, one alone on GPU 1 (2 epochs of 100%)
     $PY train/sweep.py configs/sweeps/cifar10_fractions.yaml --root runs/smoke/classify --fractions 1.0 --seeds 0 \
         --gpus 0 --jobs-per-gpu 3 -- --data.root "$DATA_ROOT" --trainer.max_epochs 2 --trainer.check_val_every_n_epoch 1 || true &
-    $PY train/sweep.py configs/sweeps/cifar10_fractions.yaml --root runs/smoke/alone --fractions 1.0 --seeds 1 --kinds diff \
+    $PY train/sweep.py configs/sweeps/cifar10_fractions.yaml --root runs/smoke/alone --fractions 1.0 --seeds 1 --arms diff \
         --gpus 1 -- --data.root "$DATA_ROOT" --trainer.max_epochs 2 --trainer.check_val_every_n_epoch 1 || true
     wait
     # generation: one DiT per GPU for 1 epoch of 10%, FID on 2000 samples vs the 50k training images
-    $PY train/sweep.py configs/sweeps/cifar10_dit.yaml --root runs/smoke/generate --fractions 0.1 --kinds standard diff \
+    $PY train/sweep.py configs/sweeps/cifar10_dit.yaml --root runs/smoke/generate --fractions 0.1 --arms standard diff \
         --gpus 0 1 -- --data.root "$DATA_ROOT" --trainer.max_epochs 2 --trainer.check_val_every_n_epoch 2 \
         --model.init_args.fid_num_samples 500 || true
     $PY train/attention_maps.py "$(last_ckpt runs/smoke/classify standard)" "$(last_ckpt runs/smoke/classify diff)" \
@@ -65,7 +65,7 @@ case "$STAGE" in
     pack samplers runs/sweeps/cifar10_dit/*/samplers ;;
   attention)  # the classification sweep's recipe and seed-0 runs at 100%, in their own root
     $PY train/sweep.py configs/sweeps/cifar10_fractions.yaml --root runs/attention --fractions 1.0 --seeds 0 \
-        --kinds standard diff --jobs-per-gpu 2 ${TIME_LIMIT:+--time-limit "$TIME_LIMIT"} "$@" -- --data.root "$DATA_ROOT" || true
+        --arms standard diff --jobs-per-gpu 2 ${TIME_LIMIT:+--time-limit "$TIME_LIMIT"} "$@" -- --data.root "$DATA_ROOT" || true
     $PY train/attention_maps.py "$(last_ckpt runs/attention standard)" "$(last_ckpt runs/attention diff)" \
         --root "$DATA_ROOT" --layer all --indices 7 1007 2007 3007 4007 5007 6007 7007 8007 9007 \
         --out runs/attention/maps || true  # one image per class (the test split is stored class by class)

@@ -1,12 +1,14 @@
-"""Run a sweep of ``diffvision fit`` runs (fractions x attention kinds x seeds), side by side on GPUs.
+"""Run a sweep of ``diffvision fit`` runs (fractions x arms x seeds), side by side on GPUs.
 
     python train/sweep.py configs/sweeps/cifar10_fractions.yaml
-    python train/sweep.py configs/sweeps/cifar10_fractions.yaml --kinds diff standard --seeds 0 --dry-run
+    python train/sweep.py configs/sweeps/cifar10_fractions.yaml --arms diff standard --seeds 0 --dry-run
     python train/sweep.py configs/sweeps/cifar10_dit.yaml --gpus 0 1 --jobs-per-gpu 3
     python train/sweep.py SPEC --root runs/sweeps/NAME -- --data.root /data/cifar10   # extra CLI args
 
-A spec (YAML) names a ``diffvision fit`` config and what to vary; see ``configs/sweeps/``. Every run
-goes through the same CLI and configs users have, into ``<root>/<kind>_f<fraction>_s<seed>/``:
+A spec (YAML) names a ``diffvision fit`` config and what to vary; see ``configs/sweeps/``. Its ``arms``
+are the named models compared: a timm model name (classification) or an ``attn_kind`` (generation), each
+with optional per-arm keywords (an arm is an attention kind plus settings, e.g. DIFF with λinit 0.8). Every
+run goes through the same CLI and configs users have, into ``<root>/<arm>_f<fraction>_s<seed>/``:
 
 * a finished run has ``result.json`` (final metrics, parameters, wall time, device, command): it is
   skipped; an unfinished one resumes from its ``last.ckpt`` (``--ckpt_path last``); its wall time
@@ -45,9 +47,9 @@ HEARTBEAT_S = 10.0
 
 @dataclass
 class Job:
-    kind: str
-    model: str                 # timm model name (classification) or attention_type (generation)
-    model_kwargs: dict         # per-kind model keywords, merged over the config's (e.g. head counts)
+    arm: str
+    model: str                 # timm model name (classification) or attn_kind (generation)
+    model_kwargs: dict         # per-arm model keywords, merged over the config's (e.g. head counts)
     fraction: float
     seed: int
     epochs: int
@@ -58,7 +60,7 @@ class Job:
 
     @property
     def name(self) -> str:
-        return f"{self.kind}_f{fraction_tag(self.fraction)}_s{self.seed}"
+        return f"{self.arm}_f{fraction_tag(self.fraction)}_s{self.seed}"
 
     @property
     def dir(self) -> Path:
@@ -79,7 +81,9 @@ def load_spec(path: Path) -> dict[str, Any]:
     spec = yaml.safe_load(Path(path).read_text())
     if not isinstance(spec, dict):
         raise ValueError(f"{path}: a sweep spec is a YAML mapping, got {type(spec).__name__}")
-    required = {"task", "config", "kinds", "epochs", "seeds"}
+    if "kinds" in spec and "arms" not in spec:  # the key's name before it was told apart from attn_kind
+        spec["arms"] = spec.pop("kinds")
+    required = {"task", "config", "arms", "epochs", "seeds"}
     missing = required - set(spec)
     if missing:
         raise ValueError(f"{path}: missing keys {sorted(missing)}; a spec needs {sorted(required)}")
@@ -96,13 +100,19 @@ def load_spec(path: Path) -> dict[str, Any]:
     return spec
 
 
-def kind_entry(kind: str, entry: Any) -> tuple[str, dict]:
-    """A spec's ``kinds`` value: a model name, or ``{model: name, model_kwargs: {...}}``."""
+def arm_entry(task: str, arm: str, entry: Any) -> tuple[str, dict]:
+    """A spec's ``arms`` value: a model name (classification) or an ``attn_kind`` (generation), or a mapping
+    ``{model: name, model_kwargs: {...}}`` / ``{attn_kind: kind, model_kwargs: {...}}``."""
+    key = "model" if task == "classification" else "attn_kind"
     if isinstance(entry, str):
-        return entry, {}
-    if isinstance(entry, dict) and isinstance(entry.get("model"), str) and set(entry) <= {"model", "model_kwargs"}:
-        return entry["model"], dict(entry.get("model_kwargs") or {})
-    raise ValueError(f"kinds.{kind}: expected a model name or {{model: name, model_kwargs: {{...}}}}, got {entry!r}")
+        entry = {key: entry}
+    if not (isinstance(entry, dict) and isinstance(entry.get(key), str) and set(entry) <= {key, "model_kwargs"}):
+        raise ValueError(f"arms.{arm}: expected a {key} or {{{key}: ..., model_kwargs: {{...}}}}, got {entry!r}")
+    if task == "generation":
+        from diffvision.attention import get_attn_kind
+
+        get_attn_kind(entry[key])  # an unknown kind fails here, not in the middle of a sweep
+    return entry[key], dict(entry.get("model_kwargs") or {})
 
 
 def _config(spec: dict) -> dict:
@@ -116,9 +126,9 @@ def validation_interval(epochs: int, validations: int) -> int:
     return max(d for d in range(1, target + 1) if epochs % d == 0)
 
 
-def build_jobs(spec: dict, root: Path, kinds: Optional[list[str]], fractions: Optional[list[float]],
+def build_jobs(spec: dict, root: Path, arms: Optional[list[str]], fractions: Optional[list[float]],
                seeds: Optional[list[int]], extra: list[str]) -> list[Job]:
-    for name, chosen, known in (("kind", kinds, list(spec["kinds"])), ("fraction", fractions, list(spec["epochs"])),
+    for name, chosen, known in (("arm", arms, list(spec["arms"])), ("fraction", fractions, list(spec["epochs"])),
                                 ("seed", seeds, list(spec["seeds"]))):
         bad = [c for c in (chosen or []) if c not in known]
         if bad:
@@ -129,14 +139,14 @@ def build_jobs(spec: dict, root: Path, kinds: Optional[list[str]], fractions: Op
         epochs = int(forced_epochs) if forced_epochs else epochs
         if fractions and fraction not in fractions:
             continue
-        for kind, entry in spec["kinds"].items():
-            if kinds and kind not in kinds:
+        for arm, entry in spec["arms"].items():
+            if arms and arm not in arms:
                 continue
-            model, model_kwargs = kind_entry(kind, entry)
+            model, model_kwargs = arm_entry(spec["task"], arm, entry)
             for seed in spec["seeds"]:
                 if seeds and seed not in seeds:
                     continue
-                jobs.append(Job(kind, model, model_kwargs, fraction, int(seed), epochs,
+                jobs.append(Job(arm, model, model_kwargs, fraction, int(seed), epochs,
                                 validation_interval(epochs, spec.get("validations", 10)), root,
                                 cost=fraction * epochs, extra=list(extra)))
     return sorted(jobs, key=lambda j: -j.cost)  # longest first: the short ones fill the gaps at the end
@@ -151,7 +161,7 @@ def fit_command(spec: dict, job: Job) -> list[str]:
     if spec["task"] == "classification":
         cmd += ["--model.init_args.model_name", job.model]
     else:
-        cmd += ["--model.init_args.attention_type", job.model]
+        cmd += ["--model.init_args.attn_kind", job.model]
     if job.model_kwargs:
         key = "model_kwargs" if spec["task"] == "classification" else "transformer_kwargs"
         merged = {**(_config(spec)["model"]["init_args"].get(key) or {}), **job.model_kwargs}
@@ -234,7 +244,7 @@ def write_result(spec: dict, job: Job, command: list[str], attempts: list[dict])
     metrics = read_epoch_metrics(log_dir)
     final = metrics.get(job.epochs - 1, {})
     result: dict[str, Any] = {
-        "task": spec["task"], "kind": job.kind, "fraction": job.fraction, "seed": job.seed,
+        "task": spec["task"], "kind": job.arm, "fraction": job.fraction, "seed": job.seed,
         "epochs": job.epochs, "steps": int(final.get("step", 0)) + 1 if final else None,
         "params": count_parameters(spec, log_dir), "wall_s": round(attempts_wall_s(attempts), 1),
         "attempts": len(attempts), "device": device_name(),
@@ -252,7 +262,7 @@ def write_result(spec: dict, job: Job, command: list[str], attempts: list[dict])
     else:
         fid = json.loads((job.dir / "fid.json").read_text())
         curve = [[int(m["step"]) + 1, m["val/fid"]] for e, m in sorted(metrics.items()) if "val/fid" in m]
-        result.update(preset=config["model"]["init_args"]["preset"], attention_type=job.model,
+        result.update(preset=config["model"]["init_args"]["preset"], attn_kind=job.model,
                       final={k: final[k] for k in ("val/loss", "val/loss_ema") if k in final},
                       fid_vs_step=curve, **fid)
     (job.dir / "result.json").write_text(json.dumps(result, indent=1))
@@ -389,7 +399,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                      epilog="Arguments after -- go to every `diffvision fit` call.")
     parser.add_argument("spec", type=Path, help="sweep spec YAML (configs/sweeps/*.yaml)")
     parser.add_argument("--root", type=Path, default=None, help="runs directory (default runs/sweeps/<spec name>)")
-    parser.add_argument("--kinds", nargs="+", default=None, help="only these attention kinds")
+    parser.add_argument("--arms", "--kinds", nargs="+", default=None, help="only these arms of the spec")
     parser.add_argument("--fractions", nargs="+", type=float, default=None, help="only these fractions")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="only these seeds")
     parser.add_argument("--gpus", nargs="*", default=None,
@@ -405,7 +415,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     spec = load_spec(args.spec)
     root = args.root or REPO / "runs" / "sweeps" / args.spec.stem
-    jobs = build_jobs(spec, root, args.kinds, args.fractions, args.seeds, extra)
+    jobs = build_jobs(spec, root, args.arms, args.fractions, args.seeds, extra)
     if args.gpus is None:
         import torch
 

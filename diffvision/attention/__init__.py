@@ -1,22 +1,50 @@
-"""diffvision.attention: the one differential attention implementation every model uses."""
-from .functional import BACKENDS, available_backends, differential_attention
+"""diffvision.attention: the one differential attention implementation every model uses.
+
+``functional`` holds the kernels, ``modules`` the layers, ``registry`` the attention kinds (the names
+``attn_kind`` takes everywhere, their head rules, backends and options).
+"""
+from .functional import BACKENDS, V2_BACKENDS, available_backends, differential_attention, differential_attention_v2
 from .modules import (
-    ATTENTION_LAYERS,
+    LAMBDA_MODES,
     DifferentialAttention,
+    DifferentialAttentionV2,
     GroupedDifferentialAttention,
     MultiHeadAttention,
-    create_attention,
     lambda_init_schedule,
+    resolve_lambda_init,
+)
+from .registry import (
+    ATTN_KINDS,
+    AttnKind,
+    attention_layers,
+    check_attn_backend,
+    create_attention,
+    get_attn_kind,
+    layer_heads,
+    set_attention_backend,
+    twin_heads,
 )
 
 __all__ = [
+    "ATTN_KINDS",
+    "AttnKind",
     "BACKENDS",
-    "available_backends",
-    "differential_attention",
-    "ATTENTION_LAYERS",
+    "LAMBDA_MODES",
+    "V2_BACKENDS",
     "DifferentialAttention",
+    "DifferentialAttentionV2",
     "GroupedDifferentialAttention",
     "MultiHeadAttention",
+    "attention_layers",
+    "available_backends",
+    "check_attn_backend",
     "create_attention",
+    "differential_attention",
+    "differential_attention_v2",
+    "get_attn_kind",
     "lambda_init_schedule",
+    "layer_heads",
+    "resolve_lambda_init",
+    "set_attention_backend",
+    "twin_heads",
 ]

@@ -6,6 +6,10 @@
 Hs == Hn is DIFF attention (Ye et al., 2025); Hs > Hn is Grouped Differential Attention, where
 each noise map is shared by a group of Hs // Hn consecutive signal heads (like GQA shares K/V).
 
+:func:`differential_attention_v2` is DIFF V2 (the authors' 2026 successor, microsoft/unilm
+``Diff-Transformer/Diff-Transformer-V2``): ``2h`` query heads on ``h_kv`` key/value heads (GQA), one
+softmax-attention call, and output head ``i`` = ``A(q_2i) − lam_i · A(q_2i+1)`` with ``lam`` per token.
+
 Backends compute the same function:
   * ``"math"``: materialises both maps; the readable reference.
   * ``"sdpa"``: two ``F.scaled_dot_product_attention`` calls, no N×M map kept.
@@ -21,9 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["differential_attention", "BACKENDS", "available_backends"]
+from ..choices import check_choice
+
+__all__ = ["differential_attention", "differential_attention_v2", "BACKENDS", "V2_BACKENDS",
+           "available_backends"]
 
 BACKENDS = ("auto", "math", "sdpa", "triton")
+V2_BACKENDS = ("auto", "math", "sdpa")  # DIFF V2 is one SDPA call: flash / cuDNN kernels, no Triton kernel of ours
 
 
 # --------------------------------------------------------------------------------------------
@@ -34,8 +42,8 @@ def _shape(t: Tensor) -> str:
     return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
 
-def _validate(q1, k1, q2, k2, v, lam, attn_mask, is_causal, dropout_p, scale, backend) -> None:
-    tensors = {"q1": q1, "k1": k1, "q2": q2, "k2": k2, "v": v}
+def _check_tensors(tensors: dict[str, Tensor]) -> None:
+    """Each a 4-d floating tensor; all of one dtype and on one device."""
     for name, t in tensors.items():
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -44,74 +52,116 @@ def _validate(q1, k1, q2, k2, v, lam, attn_mask, is_causal, dropout_p, scale, ba
                 f"{name} must have 4 dims (batch, heads, seq, head_dim), got shape {_shape(t)}")
         if not t.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    names = ", ".join(tensors)
     dtypes = {name: t.dtype for name, t in tensors.items()}
     if len(set(dtypes.values())) != 1:
-        raise ValueError(f"q1, k1, q2, k2, v must share one dtype, got {dtypes}")
+        raise ValueError(f"{names} must share one dtype, got {dtypes}")
     devices = {name: t.device for name, t in tensors.items()}
     if len(set(devices.values())) != 1:
-        raise ValueError(f"q1, k1, q2, k2, v must be on one device, got {devices}")
+        raise ValueError(f"{names} must be on one device, got {devices}")
 
-    B, Hs, N, d = q1.shape
-    Hn, M, dv = q2.shape[1], k1.shape[2], v.shape[3]
-    expected = {
-        "k1": (B, Hs, M, d),
-        "q2": (B, Hn, N, d),
-        "k2": (B, Hn, M, d),
-        "v": (B, Hs, M, dv),
-    }
-    names = {
-        "k1": "(B, Hs, M, d) with B, Hs, d from q1",
-        "q2": "(B, Hn, N, d) with B, N, d from q1",
-        "k2": "(B, Hn, M, d) with Hn from q2 and M from k1",
-        "v": "(B, Hs, M, dv) with B, Hs from q1 and M from k1",
-    }
+
+def _check_shapes(tensors: dict[str, Tensor], expected: dict[str, tuple], meaning: dict[str, str]) -> None:
     for name, exp in expected.items():
-        got = tuple(tensors[name].shape)
-        if got != exp:
-            raise ValueError(
-                f"{name} has shape {_shape(tensors[name])}, expected {exp} = {names[name]}")
-    if Hn == 0 or Hs % Hn != 0:
-        raise ValueError(
-            f"signal heads Hs={Hs} (q1.shape[1]) must be a multiple of noise heads Hn={Hn} "
-            f"(q2.shape[1]); accepted: Hn in the divisors of Hs")
-    if N == 0 or M == 0 or d == 0 or dv == 0:
-        raise ValueError(f"empty attention: q1 {_shape(q1)}, k1 {_shape(k1)}, v {_shape(v)}")
+        if tuple(tensors[name].shape) != exp:
+            raise ValueError(f"{name} has shape {_shape(tensors[name])}, expected {exp} = {meaning[name]}")
 
+
+def _check_lam_tensor(lam, device, what: str) -> None:
     if not isinstance(lam, Tensor):
-        raise TypeError(f"lam must be a torch.Tensor (0-d or shape ({Hs},)), got {type(lam).__name__}")
+        raise TypeError(f"lam must be a torch.Tensor ({what}), got {type(lam).__name__}")
     if not lam.is_floating_point():
         raise ValueError(f"lam must be a floating-point tensor, got dtype {lam.dtype}")
-    if lam.device != q1.device:
-        raise ValueError(f"lam is on {lam.device}, expected the inputs' device {q1.device}")
-    if not (lam.dim() == 0 or tuple(lam.shape) == (Hs,)):
-        raise ValueError(f"lam has shape {_shape(lam)}, expected () or ({Hs},) (one per signal head)")
+    if lam.device != device:
+        raise ValueError(f"lam is on {lam.device}, expected the inputs' device {device}")
 
+
+def _broadcasts_to(shape: torch.Size, target: tuple) -> bool:
+    return len(shape) <= len(target) and all(
+        got in (1, want) for got, want in zip(reversed(shape), reversed(target)))
+
+
+def _check_call(attn_mask, target: tuple, target_name: str, device, is_causal, dropout_p, scale, backend,
+                backends: tuple[str, ...]) -> None:
+    """The mask (broadcastable to ``target``), is_causal, dropout_p, scale and the backend name."""
     if attn_mask is not None:
         if not isinstance(attn_mask, Tensor):
             raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
-        if attn_mask.device != q1.device:
-            raise ValueError(f"attn_mask is on {attn_mask.device}, expected {q1.device}")
+        if attn_mask.device != device:
+            raise ValueError(f"attn_mask is on {attn_mask.device}, expected {device}")
         if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
             raise ValueError(
                 f"attn_mask must be bool (True = attend) or floating (additive), got {attn_mask.dtype}")
-        target = (B, Hs, N, M)
-        ok = attn_mask.dim() <= 4
-        if ok:
-            for got, want in zip(reversed(attn_mask.shape), reversed(target)):
-                if got not in (1, want):
-                    ok = False
-        if not ok:
+        if not _broadcasts_to(attn_mask.shape, target):
             raise ValueError(
                 f"attn_mask has shape {_shape(attn_mask)}, expected a shape broadcastable to "
-                f"(B, Hs, N, M) = {target}")
+                f"{target_name} = {target}")
         if is_causal:
             raise ValueError("pass either attn_mask or is_causal=True, not both (as in SDPA)")
     if not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_choice("backend", backend, backends)
+
+
+def _validate(q1, k1, q2, k2, v, lam, attn_mask, is_causal, dropout_p, scale, backend) -> None:
+    tensors = {"q1": q1, "k1": k1, "q2": q2, "k2": k2, "v": v}
+    _check_tensors(tensors)
+    B, Hs, N, d = q1.shape
+    Hn, M, dv = q2.shape[1], k1.shape[2], v.shape[3]
+    _check_shapes(tensors, {
+        "k1": (B, Hs, M, d),
+        "q2": (B, Hn, N, d),
+        "k2": (B, Hn, M, d),
+        "v": (B, Hs, M, dv),
+    }, {
+        "k1": "(B, Hs, M, d) with B, Hs, d from q1",
+        "q2": "(B, Hn, N, d) with B, N, d from q1",
+        "k2": "(B, Hn, M, d) with Hn from q2 and M from k1",
+        "v": "(B, Hs, M, dv) with B, Hs from q1 and M from k1",
+    })
+    if Hn == 0 or Hs % Hn != 0:
+        raise ValueError(
+            f"signal heads Hs={Hs} (q1.shape[1]) must be a multiple of noise heads Hn={Hn} "
+            f"(q2.shape[1]); accepted: Hn in the divisors of Hs")
+    if N == 0 or M == 0 or d == 0 or dv == 0:
+        raise ValueError(f"empty attention: q1 {_shape(q1)}, k1 {_shape(k1)}, v {_shape(v)}")
+    _check_lam_tensor(lam, q1.device, f"0-d or shape ({Hs},)")
+    if not (lam.dim() == 0 or tuple(lam.shape) == (Hs,)):
+        raise ValueError(f"lam has shape {_shape(lam)}, expected () or ({Hs},) (one per signal head)")
+    _check_call(attn_mask, (B, Hs, N, M), "(B, Hs, N, M)", q1.device, is_causal, dropout_p, scale, backend,
+                BACKENDS)
+
+
+def _validate_v2(q, k, v, lam, attn_mask, is_causal, dropout_p, scale, backend) -> None:
+    tensors = {"q": q, "k": k, "v": v}
+    _check_tensors(tensors)
+    B, Q, N, d = q.shape
+    Hkv, M, dv = k.shape[1], k.shape[2], v.shape[3]
+    _check_shapes(tensors, {"k": (B, Hkv, M, d), "v": (B, Hkv, M, dv)}, {
+        "k": "(B, h_kv, M, d) with B, d from q",
+        "v": "(B, h_kv, M, dv) with h_kv, M from k",
+    })
+    if Q % 2 != 0:
+        raise ValueError(f"q has {Q} query heads (q.shape[1]); DIFF V2 needs an even number 2h of them "
+                         f"(query heads 2i and 2i+1 are subtracted)")
+    if Hkv == 0 or (Q // 2) % Hkv != 0:
+        raise ValueError(
+            f"q has 2h={Q} query heads and k, v have h_kv={Hkv} heads (k.shape[1]): the subtracted pair 2i, 2i+1 "
+            f"must share one key/value head, so 2h/h_kv must be an even integer; accepted: h_kv dividing h={Q // 2}")
+    if N == 0 or M == 0 or d == 0 or dv == 0:
+        raise ValueError(f"empty attention: q {_shape(q)}, k {_shape(k)}, v {_shape(v)}")
+    h = Q // 2
+    _check_lam_tensor(lam, q.device, f"broadcastable to (B, h, N) = {(B, h, N)}")
+    if not _broadcasts_to(lam.shape, (B, h, N)):
+        raise ValueError(f"lam has shape {_shape(lam)}, expected a shape broadcastable to (B, h, N) = "
+                         f"{(B, h, N)} (one value per output head and query token)")
+    if backend == "triton":
+        raise ValueError(f"backend 'triton' has no DIFF V2 kernel (DIFF V2 is one SDPA call, which reaches the "
+                         f"flash / cuDNN kernels on CUDA); accepted: {list(V2_BACKENDS)}")
+    _check_call(attn_mask, (B, Q, N, M), "(B, 2h, N, M)", q.device, is_causal, dropout_p, scale, backend,
+                V2_BACKENDS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,6 +193,11 @@ def _safe_softmax(scores: Tensor) -> Tensor:
     fully_masked = torch.isneginf(scores).all(dim=-1, keepdim=True)
     probs = torch.softmax(scores.masked_fill(fully_masked, 0.0), dim=-1)
     return probs.masked_fill(fully_masked, 0.0)
+
+
+def _no_key_rows(attn_mask: Tensor) -> Tensor:
+    """True where a query row sees no key at all (its output is defined as zeros, as in SDPA)."""
+    return ~attn_mask.any(dim=-1) if attn_mask.dtype == torch.bool else torch.isneginf(attn_mask).all(dim=-1)
 
 
 def _math(q1, k1, q2, k2, v, lam, attn_mask, is_causal, dropout_p, scale) -> Tensor:
@@ -191,7 +246,7 @@ def _sdpa(q1, k1, q2, k2, v, lam, attn_mask, is_causal, dropout_p, scale) -> Ten
     if attn_mask is not None:
         # SDPA's CPU path gives zeros for a query row with no visible key, but some CUDA kernels do
         # not (a finite average of the masked keys was seen on an H100): make it zeros everywhere.
-        no_key = ~attn_mask.any(dim=-1) if attn_mask.dtype == torch.bool else torch.isneginf(attn_mask).all(dim=-1)
+        no_key = _no_key_rows(attn_mask)
         out = out.masked_fill(no_key.unsqueeze(-1), 0.0)  # no .any() check: it would sync the GPU
     return out
 
@@ -220,6 +275,77 @@ def _auto_backend(q1, k1, q2, k2, v, attn_mask, dropout_p) -> str:
         if triton_kernel.unsupported_reason(q1, k1, q2, k2, v, attn_mask, dropout_p) is None:
             return "triton"
     return "sdpa"
+
+
+# --------------------------------------------------------------------------------------------
+# DIFF V2
+# --------------------------------------------------------------------------------------------
+
+def _v2_math(q, k, v, lam, attn_mask, is_causal, dropout_p, scale) -> Tensor:
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = (q @ k.transpose(-2, -1)) * scale
+    bias = _additive_mask(attn_mask, is_causal, q.shape[2], k.shape[2], q.dtype, q.device)
+    maps = _safe_softmax(scores if bias is None else scores + bias)
+    if dropout_p > 0.0:
+        maps = F.dropout(maps, dropout_p)  # each query head's map on its own, as one SDPA call drops them
+    # heads 2i and 2i+1 read the same value head (they share a GQA group)
+    return (maps[:, 0::2] - lam.unsqueeze(-1).to(maps.dtype) * maps[:, 1::2]) @ v[:, 0::2]
+
+
+def _v2_sdpa(q, k, v, lam, attn_mask, is_causal, dropout_p, scale) -> Tensor:
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        attn_mask = attn_mask.to(q.dtype)  # SDPA wants an additive mask in the query dtype
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                                         scale=scale, enable_gqa=True)
+    if attn_mask is not None:
+        # zeros for a query head's row with no visible key (some CUDA kernels give an average instead)
+        out = out.masked_fill(_no_key_rows(attn_mask).unsqueeze(-1), 0.0)  # no .any(): it would sync the GPU
+    return out[:, 0::2] - lam.unsqueeze(-1).to(out.dtype) * out[:, 1::2]
+
+
+_V2_IMPLS: dict[str, Callable[..., Tensor]] = {"math": _v2_math, "sdpa": _v2_sdpa}
+
+
+def differential_attention_v2(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lam: Tensor,
+    *,
+    attn_mask: Optional[Tensor] = None,
+    is_causal: bool = False,
+    dropout_p: float = 0.0,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """DIFF V2 attention: ``2h`` query heads on ``h_kv`` key/value heads, one softmax-attention call.
+
+    Args:
+        q: queries ``(B, 2h, N, d)``; heads ``2i`` and ``2i+1`` form output head ``i``.
+        k: keys ``(B, h_kv, M, d)``; query head ``j`` attends with key/value head ``j // (2h / h_kv)``
+            (GQA), and ``2h / h_kv`` must be even so that each subtracted pair shares one.
+        v: values ``(B, h_kv, M, dv)``.
+        lam: λ, already squashed (the module passes ``sigmoid(W_λ x)``), broadcastable to ``(B, h, N)``:
+            one value per output head and query token; receives gradients.
+        attn_mask: bool (True = attend) or additive float, broadcastable to ``(B, 2h, N, M)``.
+        is_causal: top-left aligned causal mask, as in SDPA.
+        dropout_p: dropout on each query head's map (pass 0.0 in eval, like SDPA).
+        scale: score scale; defaults to ``1/sqrt(d)``.
+        backend: ``"auto"`` (= ``"sdpa"``: ``F.scaled_dot_product_attention(..., enable_gqa=True)``, which
+            reaches the flash / cuDNN kernels on CUDA), ``"sdpa"`` or ``"math"`` (maps materialised).
+
+    Returns:
+        ``(B, h, N, dv)`` with ``out[:, i] = A(q[:, 2i]) − lam[:, i, :, None] · A(q[:, 2i+1])``, ``A(q_j)`` the
+        ordinary softmax attention ``softmax(q_j k_gᵀ·scale + mask) v_g``. A query row whose keys are all
+        masked out gives zeros.
+    """
+    _validate_v2(q, k, v, lam, attn_mask, is_causal, dropout_p, scale, backend)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    lam = lam.expand(q.shape[0], q.shape[1] // 2, q.shape[2])
+    impl = _V2_IMPLS["sdpa" if backend == "auto" else backend]
+    return impl(q, k, v, lam, attn_mask, is_causal, float(dropout_p), float(scale))
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:

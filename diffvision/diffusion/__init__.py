@@ -1,6 +1,5 @@
 """diffvision.diffusion: DIFF-DiT as a diffusers model (DiffDiTTransformer2DModel) and pipeline (DiffDiTPipeline)."""
 from .transformer_diff_dit import (
-    ATTENTION_TYPES,
     DIT_PRESETS,
     DiffDiTBlock,
     DiffDiTTransformer2DModel,
@@ -8,12 +7,10 @@ from .transformer_diff_dit import (
     convert_dit_to_diff_dit,
     diff_dit_state_dict_to_dit,
     dit_state_dict_to_diff_dit,
-    resolve_attention_heads,
 )
 from .pipeline_diff_dit import DiffDiTPipeline
 
 __all__ = [
-    "ATTENTION_TYPES",
     "DIT_PRESETS",
     "DiffDiTBlock",
     "DiffDiTPipeline",
@@ -22,5 +19,4 @@ __all__ = [
     "convert_dit_to_diff_dit",
     "diff_dit_state_dict_to_dit",
     "dit_state_dict_to_diff_dit",
-    "resolve_attention_heads",
 ]

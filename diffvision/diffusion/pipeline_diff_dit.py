@@ -36,7 +36,7 @@ EXAMPLE_DOC_STRING = """
         >>> from diffvision import DiffDiTPipeline, DiffDiTTransformer2DModel
 
         >>> transformer = DiffDiTTransformer2DModel.from_preset(
-        ...     "DiT-S/2", attention_type="diff", sample_size=32, in_channels=3, num_classes=10)
+        ...     "DiT-S/2", attn_kind="diff", sample_size=32, in_channels=3, num_classes=10)
         >>> pipe = DiffDiTPipeline(transformer=transformer, scheduler=DDIMScheduler())
         >>> images = pipe(class_labels=[0, 1], num_inference_steps=25,
         ...               generator=torch.manual_seed(0)).images

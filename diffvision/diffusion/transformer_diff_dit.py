@@ -4,28 +4,25 @@ The architecture is DiT's: patchify + fixed 2-D sin-cos positions, a timestep em
 embedding (with a null class for classifier-free guidance) summed into one conditioning vector,
 adaLN-Zero blocks, an adaLN final layer and unpatchify, with optional learned sigma
 (``out_channels = 2 * in_channels``). Attention is built by :func:`diffvision.attention.create_attention`
-(``"standard"``, ``"diff"`` or ``"gda"``); this file holds no attention math of its own.
+from the config's ``attn_kind`` (``"standard"``, ``"diff"``, ``"gda"`` or ``"diffv2"``); this file holds
+no attention math of its own.
 
-With ``attention_type="standard"`` the model is diffusers' ``DiTTransformer2DModel`` with the
+With ``attn_kind="standard"`` the model is diffusers' ``DiTTransformer2DModel`` with the
 conditioning embedding stored once instead of once per block; :func:`convert_dit_to_diff_dit` and
 :func:`convert_diff_dit_to_dit` copy weights across and give the same outputs.
 
-Head conventions, with ``H = num_attention_heads`` the head count of the standard model and
-``D = H * attention_head_dim`` the hidden size:
-
-* ``"standard"``: ``H`` heads of ``D / H``.
-* ``"diff"``: ``H / 2`` differential heads, i.e. ``H`` query/key sub-heads of ``D / H`` and ``H / 2``
-  value heads of ``2D / H`` (same parameters as the standard model). For odd ``H`` it uses ``H``
-  differential heads (sub-heads of ``D / 2H``).
-* ``"gda"``: ``signal_heads : noise_heads = 2 : 1`` with ``signal_heads + noise_heads = H`` by default
-  (sub-heads keep the standard head dim, value heads are ``D / signal_heads``); explicit counts via
-  ``signal_heads`` / ``noise_heads``.
+Heads: ``H = num_attention_heads`` is the head count of the standard model and ``D = H *
+attention_head_dim`` the hidden size; every other kind takes its heads from the registry's parameter-twin
+rule (:func:`diffvision.attention.twin_heads`): ``"diff"`` ``H / 2`` differential heads, ``"gda"`` 2:1
+signal:noise with ``signal + noise = H`` (or explicit ``signal_heads`` / ``noise_heads``), ``"diffv2"``
+``H`` output heads on ``H / 2`` key/value heads (or an explicit ``num_kv_heads``).
 """
 from __future__ import annotations
 
 import glob
 import os
-from typing import Any, Optional
+import warnings
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -36,22 +33,28 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor
 
-from diffvision.attention import BACKENDS, GroupedDifferentialAttention, create_attention
-from diffvision.models._helpers import checkpoint_errors, did_you_mean
+from diffvision.attention import (
+    check_attn_backend,
+    create_attention,
+    get_attn_kind,
+    layer_heads,
+    set_attention_backend,
+    twin_heads,
+)
+from diffvision.attention.registry import LEGACY_KEYWORDS, rename_legacy_keywords
+from diffvision.choices import check_choice
+from diffvision.models._helpers import checkpoint_errors
 
 __all__ = [
     "DIT_PRESETS",
-    "ATTENTION_TYPES",
     "DiffDiTBlock",
     "DiffDiTTransformer2DModel",
-    "resolve_attention_heads",
     "convert_dit_to_diff_dit",
     "convert_diff_dit_to_dit",
     "dit_state_dict_to_diff_dit",
     "diff_dit_state_dict_to_dit",
 ]
 
-ATTENTION_TYPES = ("standard", "diff", "gda")
 ACTIVATIONS = ("gelu-approximate", "gelu")
 
 # DiT model sizes (Peebles & Xie, 2023, Table 1) × patch sizes 2 / 4 / 8.
@@ -74,91 +77,6 @@ DIT_PRESETS: dict[str, dict[str, int]] = {
 
 
 # --------------------------------------------------------------------------------------------
-# Head counts: one place that turns (attention_type, H, D) into create_attention's keywords.
-# --------------------------------------------------------------------------------------------
-
-def _gda_splits(dim: int, max_heads: int = 64) -> list[tuple[int, int]]:
-    """All (signal, noise) head counts with signal = G·noise (G ≥ 2) that tile ``dim`` exactly."""
-    splits = []
-    for noise in range(1, max_heads + 1):
-        for group in range(2, max_heads // noise + 1):
-            signal = group * noise
-            if signal + noise <= max_heads and dim % (signal + noise) == 0 and dim % signal == 0:
-                splits.append((signal, noise))
-    return splits
-
-
-def _gda_suggestions(dim: int, num_heads: int) -> str:
-    splits = _gda_splits(dim)
-    if not splits:
-        return (f"hidden size {dim} admits no split with signal_heads > noise_heads (both "
-                f"{dim}/(signal_heads+noise_heads) and {dim}/signal_heads must be integers); use "
-                f"attention_type='diff' (the 1:1 case) or a different hidden size")
-    # Closest total head count to H first, then the 2:1 ratio the default uses.
-    splits.sort(key=lambda s: (abs(s[0] + s[1] - num_heads), abs(s[0] // s[1] - 2), s[1]))
-    shown = ", ".join(
-        f"signal_heads={s}, noise_heads={n} ({s // n}:1, d={dim // (s + n)}, dv={dim // s})"
-        for s, n in splits[:4])
-    return f"valid choices for hidden size {dim} include: {shown}"
-
-
-def resolve_attention_heads(
-    attention_type: str,
-    num_attention_heads: int,
-    hidden_size: int,
-    signal_heads: Optional[int] = None,
-    noise_heads: Optional[int] = None,
-) -> dict[str, int]:
-    """Head-count keywords for :func:`create_attention` from the standard model's head count ``H``.
-
-    ``"standard"`` -> ``{"num_heads": H}``; ``"diff"`` -> ``{"num_heads": H // 2}`` (``H`` for odd
-    ``H``); ``"gda"`` -> ``{"signal_heads": Hs, "noise_heads": Hn}``, by default ``2:1`` with
-    ``Hs + Hn = H``. Raises ``ValueError`` naming what is wrong and what would work.
-    """
-    if attention_type not in ATTENTION_TYPES:
-        raise ValueError(f"attention_type={attention_type!r} is not supported"
-                         f"{did_you_mean(attention_type, ATTENTION_TYPES)}; accepted: {ATTENTION_TYPES}")
-    H, D = num_attention_heads, hidden_size
-    if attention_type != "gda" and (signal_heads is not None or noise_heads is not None):
-        raise ValueError(
-            f"signal_heads/noise_heads (got {signal_heads}/{noise_heads}) only apply to "
-            f"attention_type='gda', got attention_type={attention_type!r}; leave them None")
-    if attention_type == "standard":
-        return {"num_heads": H}
-    if attention_type == "diff":
-        h = H // 2 if H % 2 == 0 else H
-        if D % (2 * h) != 0:
-            raise ValueError(
-                f"attention_type='diff' with num_attention_heads={H} uses {h} differential heads, "
-                f"which needs hidden size {D} divisible by 2*{h}={2 * h}; use an even "
-                f"attention_head_dim or an even num_attention_heads")
-        return {"num_heads": h}
-    # gda
-    if (signal_heads is None) != (noise_heads is None):
-        raise ValueError(
-            f"attention_type='gda' needs both signal_heads and noise_heads or neither, got "
-            f"signal_heads={signal_heads}, noise_heads={noise_heads}")
-    if signal_heads is None:
-        if H % 3 != 0:
-            raise ValueError(
-                f"attention_type='gda' defaults to signal:noise = 2:1 with signal_heads + noise_heads = "
-                f"num_attention_heads, which needs num_attention_heads divisible by 3, got {H}; pass "
-                f"signal_heads and noise_heads explicitly: {_gda_suggestions(D, H)}")
-        signal_heads, noise_heads = 2 * H // 3, H // 3
-    Hs, Hn = int(signal_heads), int(noise_heads)
-    if Hs <= 0 or Hn <= 0 or Hs % Hn != 0:
-        raise ValueError(
-            f"signal_heads={Hs} must be a positive multiple of noise_heads={Hn}; "
-            f"{_gda_suggestions(D, H)}")
-    if D % (Hs + Hn) != 0 or D % Hs != 0:
-        raise ValueError(
-            f"signal_heads={Hs}, noise_heads={Hn} do not tile hidden size {D} (need {D} divisible by "
-            f"signal_heads + noise_heads = {Hs + Hn} and by signal_heads = {Hs}); "
-            f"{_gda_suggestions(D, H)}")
-    return {"signal_heads": Hs, "noise_heads": Hn}
-
-
-# --------------------------------------------------------------------------------------------
 # Blocks
 # --------------------------------------------------------------------------------------------
 
@@ -177,7 +95,7 @@ class DiffDiTBlock(nn.Module):
     def __init__(
         self,
         dim: int,
-        attention_type: str,
+        attn_kind: str,
         head_kwargs: dict[str, int],
         depth: int,
         mlp_ratio: float = 4.0,
@@ -186,18 +104,16 @@ class DiffDiTBlock(nn.Module):
         qk_norm: bool = False,
         activation_fn: str = "gelu-approximate",
         norm_eps: float = 1e-5,
-        lambda_init: Optional[float] = None,
-        backend: str = "auto",
+        **attn_options: Any,
     ) -> None:
         super().__init__()
         # eps 1e-6 before attention, norm_eps before the MLP: diffusers' DiT block (DiT used 1e-6 for both).
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        attn_kwargs: dict[str, Any] = dict(
-            qkv_bias=attention_bias, qk_norm=qk_norm, proj_bias=True, proj_drop=dropout, depth=depth,
-            **head_kwargs)
-        if attention_type != "standard":
-            attn_kwargs.update(lambda_init=lambda_init, backend=backend)
-        self.attn = create_attention(attention_type, dim, **attn_kwargs)
+        # attn_options: lambda_init, lambda_mode, head_norm, backend (create_attention refuses a real setting
+        # the kind does not take)
+        self.attn = create_attention(
+            attn_kind, dim, qkv_bias=attention_bias, qk_norm=qk_norm, proj_bias=True, proj_drop=dropout,
+            depth=depth, **head_kwargs, **attn_options)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=norm_eps)
         self.ff = FeedForward(dim, dropout=dropout, activation_fn=activation_fn,
                               inner_dim=int(dim * mlp_ratio))
@@ -215,11 +131,12 @@ class DiffDiTBlock(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 class DiffDiTTransformer2DModel(ModelMixin, ConfigMixin):
-    r"""Class-conditional DiT with standard, differential (DIFF) or grouped differential (GDA) attention.
+    r"""Class-conditional DiT with standard, differential (DIFF, GDA) or DIFF V2 attention.
 
     Parameters:
-        num_attention_heads (`int`, defaults to 16): Head count ``H`` of the *standard* model; DIFF
-            uses ``H/2`` differential heads (``H`` if ``H`` is odd), GDA ``2H/3 : H/3`` by default.
+        num_attention_heads (`int`, defaults to 16): Head count ``H`` of the *standard* model; the other kinds
+            take their heads from the parameter-twin rule (DIFF ``H/2`` differential heads, GDA ``2H/3 : H/3``,
+            DIFF V2 ``H`` output heads on ``H/2`` key/value heads).
         attention_head_dim (`int`, defaults to 72): Standard head width; hidden size ``D = H * attention_head_dim``.
         in_channels (`int`, defaults to 4): Input channels (4 for SD-VAE latents, 3 for RGB pixels).
         out_channels (`int`, *optional*): Output channels, ``in_channels`` if None; ``2 * in_channels``
@@ -237,19 +154,26 @@ class DiffDiTTransformer2DModel(ModelMixin, ConfigMixin):
         timestep_freq_shift (`float`, defaults to 1.0): diffusers' ``downscale_freq_shift`` of the
             sinusoidal timestep features; 1 as in diffusers' DiT, 0 as in the original DiT code.
         mlp_ratio (`float`, defaults to 4.0): MLP hidden width / ``D``.
-        attention_type (`str`, defaults to "diff"): "standard", "diff" or "gda".
+        attn_kind (`str`, defaults to "diff"): "standard", "diff", "gda" or "diffv2"
+            (``diffvision.attention.ATTN_KINDS``). Old name: ``attention_type``.
         signal_heads, noise_heads (`int`, *optional*): Explicit GDA head counts (only with "gda").
+        num_kv_heads (`int`, *optional*): Explicit DIFF V2 key/value heads (a divisor of ``H``; only with "diffv2").
         qk_norm (`bool`, defaults to False): LayerNorm on per-head queries and keys.
-        lambda_init (`float`, *optional*): Constant λinit for differential attention; None uses the
-            paper's depth schedule ``0.8 - 0.6·exp(-0.3·depth)``.
-        diff_attention_backend (`str`, defaults to "auto"): Backend of the differential kernel
-            ("auto", "math", "sdpa", "triton"); see :meth:`set_differential_attention_backend`.
+        lambda_init (`float` or "schedule", defaults to "schedule"): λinit of DIFF / GDA; "schedule" (or None)
+            is the paper's depth rule ``0.8 - 0.6·exp(-0.3·depth)``.
+        lambda_mode (`str`, defaults to "reparam"): DIFF / GDA λ: "reparam" (the paper's), "fixed" (λ = λinit,
+            no parameter) or "scalar" (one learnable λ per head).
+        head_norm (`bool`, defaults to True): DIFF / GDA per-head RMSNorm × (1 − λinit) after the difference.
+        attn_backend (`str`, defaults to "auto"): Attention kernel backend ("auto", "math", "sdpa", "triton";
+            DIFF V2 has no "triton"); see :meth:`set_attention_backend`. Old name: ``diff_attention_backend``.
     """
 
     _supports_gradient_checkpointing = True
     _skip_layerwise_casting_patterns = ["pos_embed", "norm"]
     _no_split_modules = ["DiffDiTBlock"]
     _repeated_blocks = ["DiffDiTBlock"]
+    # the keywords' names before the vocabulary was unified: accepted, never written into a config
+    ignore_for_config = list(LEGACY_KEYWORDS)
 
     @register_to_config
     def __init__(
@@ -269,18 +193,25 @@ class DiffDiTTransformer2DModel(ModelMixin, ConfigMixin):
         norm_eps: float = 1e-5,
         timestep_freq_shift: float = 1.0,
         mlp_ratio: float = 4.0,
-        attention_type: str = "diff",
+        attn_kind: str = "diff",
         signal_heads: Optional[int] = None,
         noise_heads: Optional[int] = None,
+        num_kv_heads: Optional[int] = None,
         qk_norm: bool = False,
-        lambda_init: Optional[float] = None,
-        diff_attention_backend: str = "auto",
+        lambda_init: Union[float, str, None] = "schedule",
+        lambda_mode: str = "reparam",
+        head_norm: bool = True,
+        attn_backend: str = "auto",
+        attention_type: Optional[str] = None,
+        diff_attention_backend: Optional[str] = None,
     ):
         super().__init__()
+        attn_kind, attn_backend = self._legacy_keywords(attn_kind, attn_backend, attention_type, diff_attention_backend)
         dim = num_attention_heads * attention_head_dim
         self._validate_config(dim)
-        head_kwargs = resolve_attention_heads(
-            attention_type, num_attention_heads, dim, signal_heads, noise_heads)
+        head_kwargs = layer_heads(attn_kind, **twin_heads(
+            attn_kind, dim, num_attention_heads, signal_heads=signal_heads, noise_heads=noise_heads,
+            num_kv_heads=num_kv_heads))
 
         self.inner_dim = dim
         self.out_channels = in_channels if out_channels is None else out_channels
@@ -295,15 +226,38 @@ class DiffDiTTransformer2DModel(ModelMixin, ConfigMixin):
         self.class_embedder = LabelEmbedding(num_classes, dim, class_dropout_prob)
         self.transformer_blocks = nn.ModuleList([
             DiffDiTBlock(
-                dim, attention_type, head_kwargs, depth=i, mlp_ratio=mlp_ratio, dropout=dropout,
+                dim, attn_kind, head_kwargs, depth=i, mlp_ratio=mlp_ratio, dropout=dropout,
                 attention_bias=attention_bias, qk_norm=qk_norm, activation_fn=activation_fn,
-                norm_eps=norm_eps, lambda_init=lambda_init, backend=diff_attention_backend)
+                norm_eps=norm_eps, lambda_init=lambda_init, lambda_mode=lambda_mode, head_norm=head_norm,
+                backend=attn_backend)
             for i in range(num_layers)
         ])
         self.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.proj_out_1 = nn.Linear(dim, 2 * dim)  # final adaLN: shift, scale
         self.proj_out_2 = nn.Linear(dim, patch_size * patch_size * self.out_channels)
         self.initialize_weights()
+
+    # ---- old keyword names ------------------------------------------------------------------------
+
+    def _legacy_keywords(self, attn_kind, attn_backend, attention_type, diff_attention_backend) -> tuple[str, str]:
+        """``attention_type`` / ``diff_attention_backend`` (the names before the vocabulary was unified) set
+        ``attn_kind`` / ``attn_backend``, and the config records the new names only."""
+        if attention_type is None and diff_attention_backend is None:
+            return attn_kind, attn_backend
+        defaults_used = set(self.config.get("_use_default_values", []))
+        given = {k: v for k, v in (("attn_kind", attn_kind), ("attn_backend", attn_backend)) if k not in defaults_used}
+        given.update(attention_type=attention_type, diff_attention_backend=diff_attention_backend)
+        resolved = {"attn_kind": attn_kind, "attn_backend": attn_backend,
+                    **rename_legacy_keywords(given, type(self).__name__)}
+        self.register_to_config(attn_kind=resolved["attn_kind"], attn_backend=resolved["attn_backend"],
+                                _use_default_values=sorted(defaults_used - {"attn_kind", "attn_backend"}))
+        return resolved["attn_kind"], resolved["attn_backend"]
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        """diffusers' config reading, with a saved config's old keyword names renamed to today's."""
+        return super().extract_init_dict(rename_legacy_keywords(config_dict, "the saved config"),
+                                         **rename_legacy_keywords(kwargs, "the keywords"))
 
     # ---- construction helpers -------------------------------------------------------------
 
@@ -324,13 +278,8 @@ class DiffDiTTransformer2DModel(ModelMixin, ConfigMixin):
                 f"(the 2-D sin-cos position table splits it in four)")
         if not 0.0 <= cfg.class_dropout_prob < 1.0:
             raise ValueError(f"class_dropout_prob must be in [0, 1), got {cfg.class_dropout_prob}")
-        if cfg.activation_fn not in ACTIVATIONS:
-            raise ValueError(f"activation_fn={cfg.activation_fn!r} is not supported"
-                             f"{did_you_mean(cfg.activation_fn, ACTIVATIONS)}; accepted: {ACTIVATIONS}")
-        if cfg.diff_attention_backend not in BACKENDS:
-            raise ValueError(
-                f"diff_attention_backend={cfg.diff_attention_backend!r} is not supported"
-                f"{did_you_mean(cfg.diff_attention_backend, BACKENDS)}; accepted: {BACKENDS}")
+        check_choice("activation_fn", cfg.activation_fn, ACTIVATIONS)
+        check_attn_backend(cfg.attn_backend, get_attn_kind(cfg.attn_kind).name)
 
     def initialize_weights(self) -> None:
         """DiT's init: xavier-uniform linears, N(0, 0.02) embeddings, zero adaLN and output layer.
@@ -361,10 +310,9 @@ class DiffDiTTransformer2DModel(ModelMixin, ConfigMixin):
 
     @classmethod
     def from_preset(cls, name: str, **kwargs) -> "DiffDiTTransformer2DModel":
-        """Build a DiT size by name, e.g. ``from_preset("DiT-S/2", attention_type="diff", sample_size=32,
+        """Build a DiT size by name, e.g. ``from_preset("DiT-S/2", attn_kind="diff", sample_size=32,
         in_channels=3, num_classes=10)``; ``kwargs`` set or override any config value."""
-        if name not in DIT_PRESETS:
-            raise ValueError(f"unknown preset {name!r}{did_you_mean(name, DIT_PRESETS)}; accepted: {list(DIT_PRESETS)}")
+        check_choice("preset", name, DIT_PRESETS)
         return cls(**{**DIT_PRESETS[name], **kwargs})
 
     @classmethod
@@ -373,7 +321,7 @@ class DiffDiTTransformer2DModel(ModelMixin, ConfigMixin):
 
         diffusers only warns when checkpoint keys are missing or left over, and with its default
         ``low_cpu_mem_usage=True`` missing parameters stay *uninitialised memory*. A checkpoint of another
-        architecture (e.g. ``attention_type="standard"`` weights under a ``"diff"`` config, whose q/k/v
+        architecture (e.g. ``attn_kind="standard"`` weights under a ``"diff"`` config, whose q/k/v
         shapes agree) would then load into a silently wrong model: this raises ``ValueError`` naming the
         keys instead. (Keys of another shape already raise in diffusers, unless
         ``ignore_mismatched_sizes=True`` asks for them to be re-initialised.) A truncated, corrupt or code-carrying weights file raises an error naming the file.
@@ -388,14 +336,14 @@ class DiffDiTTransformer2DModel(ModelMixin, ConfigMixin):
             cfg = model.config
             raise ValueError(
                 f"the weights at {pretrained_model_name_or_path} do not fit DiffDiTTransformer2DModel("
-                f"attention_type={cfg.attention_type!r}, num_layers={cfg.num_layers}, "
+                f"attn_kind={cfg.attn_kind!r}, num_layers={cfg.num_layers}, "
                 f"hidden size {model.inner_dim}, qk_norm={cfg.qk_norm}) built from its config (a checkpoint of "
-                f"another architecture or attention_type?):\n" + "\n".join(problems))
+                f"another architecture or attn_kind?):\n" + "\n".join(problems))
         return (model, info) if want_info else model
 
     @classmethod
     def from_dit(cls, dit: nn.Module, **overrides) -> "DiffDiTTransformer2DModel":
-        """An ``attention_type="standard"`` copy of a diffusers ``DiTTransformer2DModel``; see
+        """An ``attn_kind="standard"`` copy of a diffusers ``DiTTransformer2DModel``; see
         :func:`convert_dit_to_diff_dit`."""
         return convert_dit_to_diff_dit(dit, **overrides)
 
@@ -416,28 +364,33 @@ class DiffDiTTransformer2DModel(ModelMixin, ConfigMixin):
         return self.config.class_dropout_prob > 0
 
     @property
-    def attention_heads(self) -> dict[str, int]:
-        """The head layout actually built, e.g. ``{"signal_heads": 3, "noise_heads": 3, "head_dim": 64,
-        "value_head_dim": 128}`` for DIFF DiT-S."""
-        attn = self.transformer_blocks[0].attn if len(self.transformer_blocks) else None
-        if isinstance(attn, GroupedDifferentialAttention):
-            return {"signal_heads": attn.signal_heads, "noise_heads": attn.noise_heads,
-                    "head_dim": attn.head_dim, "value_head_dim": attn.value_head_dim}
-        heads = self.config.num_attention_heads
-        return {"num_heads": heads, "head_dim": self.inner_dim // heads}
+    def attn_layout(self) -> dict[str, Any]:
+        """The attention layout actually built, e.g. ``{"attn_kind": "diff", "signal_heads": 3, "noise_heads": 3,
+        "head_dim": 64, "value_head_dim": 128, ...}`` for DIFF DiT-S."""
+        if not len(self.transformer_blocks):
+            return {"attn_kind": self.config.attn_kind}
+        return self.transformer_blocks[0].attn.layout
+
+    @property
+    def attention_heads(self) -> dict[str, Any]:
+        """Deprecated name of :attr:`attn_layout`."""
+        warnings.warn("attention_heads is deprecated; use attn_layout", FutureWarning, stacklevel=2)
+        return self.attn_layout
+
+    def set_attention_backend(self, backend: str) -> None:
+        """Switch the attention kernel backend ("auto", "math", "sdpa", "triton") of every block and record it
+        in the config (``attn_backend``): :func:`diffvision.attention.set_attention_backend`.
+
+        (This replaces diffusers' own ``set_attention_backend``, which targets diffusers ``Attention`` modules
+        and would find none here.)
+        """
+        set_attention_backend(self, backend)
 
     def set_differential_attention_backend(self, backend: str) -> None:
-        """Switch the differential kernel backend ("auto", "math", "sdpa", "triton") of every block.
-
-        (diffusers' own ``set_attention_backend`` targets diffusers ``Attention`` modules, not these.)
-        """
-        if backend not in BACKENDS:
-            raise ValueError(f"backend={backend!r} is not supported{did_you_mean(backend, BACKENDS)}; "
-                             f"accepted: {BACKENDS}")
-        for module in self.modules():
-            if isinstance(module, GroupedDifferentialAttention):
-                module.backend = backend
-        self.register_to_config(diff_attention_backend=backend)
+        """Deprecated name of :meth:`set_attention_backend`."""
+        warnings.warn("set_differential_attention_backend is deprecated; use set_attention_backend",
+                      FutureWarning, stacklevel=2)
+        set_attention_backend(self, backend)
 
     # ---- forward -----------------------------------------------------------------------------
 
@@ -624,7 +577,7 @@ def diff_dit_state_dict_to_dit(state_dict: dict[str, Tensor], num_layers: int,
                 out[pre + f"attn1.to_{n}.bias"] = b.clone()
     if sd:
         raise ValueError(f"keys with no DiTTransformer2DModel counterpart: {sorted(sd)[:8]} "
-                         f"(only attention_type='standard' without qk_norm converts)")
+                         f"(only attn_kind='standard' without qk_norm converts)")
     return out
 
 
@@ -635,7 +588,7 @@ def _match_dtype_device(model: nn.Module, like: nn.Module) -> nn.Module:
 
 
 def convert_dit_to_diff_dit(dit: nn.Module, **overrides) -> DiffDiTTransformer2DModel:
-    """A ``DiffDiTTransformer2DModel(attention_type="standard")`` that computes what ``dit`` (a diffusers
+    """A ``DiffDiTTransformer2DModel(attn_kind="standard")`` that computes what ``dit`` (a diffusers
     ``DiTTransformer2DModel``) computes in eval mode. ``overrides`` set runtime-only config values
     (e.g. ``class_dropout_prob`` is fixed at 0.1 in diffusers' DiT)."""
     cfg = dit.config
@@ -652,7 +605,7 @@ def convert_dit_to_diff_dit(dit: nn.Module, **overrides) -> DiffDiTTransformer2D
         patch_size=cfg.patch_size, activation_fn=cfg.activation_fn, num_classes=cfg.num_embeds_ada_norm,
         class_dropout_prob=dit.transformer_blocks[0].norm1.emb.class_embedder.dropout_prob,
         norm_eps=cfg.norm_eps, timestep_freq_shift=dit.transformer_blocks[0].norm1.emb.time_proj.downscale_freq_shift,
-        attention_type="standard")
+        attn_kind="standard")
     config.update(overrides)
     model = DiffDiTTransformer2DModel(**config)
     sd = dit_state_dict_to_diff_dit(dit.state_dict(), cfg.num_layers, cfg.attention_bias)
@@ -661,13 +614,13 @@ def convert_dit_to_diff_dit(dit: nn.Module, **overrides) -> DiffDiTTransformer2D
 
 
 def convert_diff_dit_to_dit(model: DiffDiTTransformer2DModel):
-    """A diffusers ``DiTTransformer2DModel`` with ``model``'s weights (``attention_type="standard"`` only)."""
+    """A diffusers ``DiTTransformer2DModel`` with ``model``'s weights (``attn_kind="standard"`` only)."""
     from diffusers import DiTTransformer2DModel
 
     cfg = model.config
     problems = []
-    if cfg.attention_type != "standard":
-        problems.append(f"attention_type={cfg.attention_type!r} (diffusers' DiT has standard attention only)")
+    if cfg.attn_kind != "standard":
+        problems.append(f"attn_kind={cfg.attn_kind!r} (diffusers' DiT has standard attention only)")
     if cfg.qk_norm:
         problems.append("qk_norm=True")
     if cfg.mlp_ratio != 4.0:

@@ -15,6 +15,7 @@ import copy
 import itertools
 import logging
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -27,7 +28,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-from ..models._helpers import did_you_mean
+from ..attention import get_attn_kind
+from ..choices import check_choice
 from .loading import WeightsOnlyLoading
 from .optim import build_lr_scheduler, default_adamw, param_groups, run_seed, shows_progress_bar, step_rng, step_seed
 
@@ -40,9 +42,7 @@ SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmsolver": DPMSolver
 
 def sampler_class(name: str):
     """``SAMPLERS[name]``, or a ValueError that names the accepted samplers."""
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}{did_you_mean(name, SAMPLERS)}; accepted: {list(SAMPLERS)}")
-    return SAMPLERS[name]
+    return SAMPLERS[check_choice("sampler", name, SAMPLERS)]
 
 
 def build_sampler(name: str, train_config, clip_denoised: bool = True):
@@ -159,9 +159,10 @@ class DiffusionModule(WeightsOnlyLoading, pl.LightningModule):
 
     Args:
         preset: DiT size/patch, ``"DiT-S/2"``, ``"DiT-B/4"``, ... (``DIT_PRESETS``).
-        attention_type: ``"diff"``, ``"gda"`` or ``"standard"``.
+        attn_kind: ``"diff"``, ``"gda"``, ``"diffv2"`` or ``"standard"`` (``diffvision.attention.ATTN_KINDS``).
         transformer_kwargs: more / overriding transformer config (``num_layers``, ``num_attention_heads``,
-            ``attention_head_dim``, ``patch_size``, ``qk_norm``, ``signal_heads``, ...).
+            ``attention_head_dim``, ``patch_size``, ``qk_norm``, ``signal_heads``, ``lambda_init``,
+            ``lambda_mode``, ``head_norm``, ``attn_backend``, ...).
         learn_sigma: DiT's learned variance (``out_channels = 2·in_channels``) trained by ``L_vlb``.
         class_dropout_prob: label dropout for classifier-free guidance (0: an unguidable model).
         num_classes, img_size, in_chans, class_names: linked from the data module by the CLI
@@ -185,12 +186,13 @@ class DiffusionModule(WeightsOnlyLoading, pl.LightningModule):
             ``fid_every_n_epochs`` epochs (0: no FID); ``fid_guidance_scale`` for those samples.
         fid_weights_path: Inception weights for ``diffvision.metrics.build_fid`` (default: found offline).
         compile: ``torch.compile`` the transformer in place (``compile_kwargs`` to ``torch.compile``).
+        attention_type: the old name of ``attn_kind``, read from configs and checkpoints made before the rename.
     """
 
     def __init__(
         self,
         preset: str = "DiT-S/2",
-        attention_type: str = "diff",
+        attn_kind: str = "diff",
         transformer_kwargs: Optional[dict[str, Any]] = None,
         learn_sigma: bool = True,
         class_dropout_prob: float = 0.1,
@@ -220,10 +222,19 @@ class DiffusionModule(WeightsOnlyLoading, pl.LightningModule):
         fid_weights_path: Optional[str] = None,
         compile: bool = False,
         compile_kwargs: Optional[dict[str, Any]] = None,
+        attention_type: Optional[str] = None,
     ) -> None:
         super().__init__()
         from diffvision.diffusion import DiffDiTTransformer2DModel
 
+        if attention_type is not None:  # a config or checkpoint from before the rename
+            if attn_kind not in ("diff", attention_type):
+                raise ValueError(f"attn_kind={attn_kind!r} and its old name attention_type={attention_type!r} "
+                                 f"disagree; keep attn_kind only")
+            warnings.warn(f"attention_type is the old name of attn_kind; using attn_kind={attention_type!r}",
+                          FutureWarning, stacklevel=2)
+            attn_kind = attention_type
+        get_attn_kind(attn_kind)
         sampler_class(sampler)  # an unknown name fails here, not at the first validation
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
@@ -239,8 +250,9 @@ class DiffusionModule(WeightsOnlyLoading, pl.LightningModule):
             raise ValueError(
                 f"guidance_scale={guidance_scale} / fid_guidance_scale={fid_guidance_scale} need the null "
                 f"class, which class_dropout_prob=0 does not train; set class_dropout_prob > 0 or both <= 1")
-        self.save_hyperparameters()
-        config = dict(attention_type=attention_type, sample_size=img_size, in_channels=in_chans,
+        self.save_hyperparameters(ignore=["attention_type"])
+        self.hparams["attn_kind"] = attn_kind  # the resolved kind, under today's name only
+        config = dict(attn_kind=attn_kind, sample_size=img_size, in_channels=in_chans,
                       out_channels=2 * in_chans if learn_sigma else in_chans, num_classes=num_classes,
                       class_dropout_prob=class_dropout_prob)
         config.update(transformer_kwargs or {})

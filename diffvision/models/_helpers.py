@@ -1,4 +1,4 @@
-""" Safe checkpoint reading and name suggestions, shared by the models, DIFF-DiT and the Lightning modules.
+""" Safe checkpoint reading, shared by the models, DIFF-DiT and the Lightning modules.
 
 Checkpoints are read with ``torch.load(weights_only=True)`` or safetensors only: a pickle that would
 import or call anything beyond tensors and plain containers is refused, never run. When a load fails,
@@ -8,7 +8,6 @@ download), corrupt, or refused as unsafe.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import json
 import os
 import pickle
@@ -25,21 +24,10 @@ __all__ = [
     'checkpoint_error',
     'checkpoint_errors',
     'diagnose_checkpoint_file',
-    'did_you_mean',
     'load_checkpoint_file',
 ]
 
 PathLike = Union[str, os.PathLike]
-
-
-def did_you_mean(name: Any, choices: Iterable[str]) -> str:
-    """``" (did you mean 'DiT-S/2'?)"`` for the closest choices (case-insensitive), else ``""``."""
-    choices = list(choices)
-    by_folded = {c.casefold(): c for c in choices}
-    close = difflib.get_close_matches(str(name).casefold(), list(by_folded), n=3, cutoff=0.6)
-    if not close:
-        return ''
-    return ' (did you mean ' + ' or '.join(repr(by_folded[c]) for c in close) + '?)'
 
 
 class CorruptCheckpointError(OSError):

@@ -1,28 +1,36 @@
-""" DIFF-ViT and GDA-ViT: Vision Transformers with differential attention, registered in timm.
+""" DIFF-ViT, GDA-ViT and DIFF V2-ViT: Vision Transformers with differential attention, registered in timm.
 
-timm's ``VisionTransformer`` and ``Block`` with the attention swapped for diffvision's:
+timm's ``VisionTransformer`` and ``Block`` with the attention swapped for diffvision's, chosen by
+``attn_kind`` (the registry in :mod:`diffvision.attention.registry`):
 
 * DIFF (Ye et al., "Differential Transformer", ICLR 2025, arXiv:2410.05258): every head is the
   difference of two softmax maps, ``(softmax(Q1K1ᵀ) − λ·softmax(Q2K2ᵀ))·V``.
 * GDA (grouped differential attention): ``Hs`` signal maps share ``Hn < Hs`` noise maps (like GQA).
+* DIFF V2 (the authors' 2026 successor): ``2h`` query heads on GQA key/value heads, one attention call,
+  λ = σ(W_λ x) per token and head, no per-head norm.
 
-Every model has a standard-attention twin of the same width, depth and parameter count (±0.1%):
+Every model has a standard-attention twin of the same width, depth and parameter count (±1%):
 timm's own ``vit_{tiny,small,base}_patch16_224``, and ``vit_{tiny,small}_patch4_32`` defined here
-for 32x32 inputs. Head layouts (``H`` = the twin's heads of 64):
+for 32x32 inputs. Head layouts follow the registry's parameter-twin rule (``twin_heads``) from the twin's
+``H`` heads of 64:
 
 * DIFF: ``h = H/2`` differential heads (q/k: ``2h`` sub-heads of 64, v: ``h`` heads of 128); for
   ViT-Ti (``H = 3``, odd) ``h = 3`` with q/k sub-heads of 32 and v heads of 64.
 * GDA: signal:noise = 2:1 with ``Hs + Hn = H`` (q/k sub-heads of 64, v heads of ``dim/Hs = 96``).
+* DIFF V2: ``h = H`` output heads of 64, ``2H`` query heads, ``H/2`` key/value heads; for ViT-Ti
+  ``h = 4`` heads of 48 on 2 key/value heads (an even ``h`` is needed; 4·dim² weights either way).
 
-Because the q/k/v/proj projections have a standard MHA's shapes (and the sub-heads are laid out so
-that standard heads map onto them in order), a standard ViT checkpoint of the same width and depth
-loads weight for weight; see ``checkpoint_filter_fn`` and ``load_standard_vit_weights``.
+Because the DIFF/GDA q/k/v/proj projections have a standard MHA's shapes (and the sub-heads are laid out
+so that standard heads map onto them in order), a standard ViT checkpoint of the same width and depth
+loads weight for weight; DIFF V2 takes one through a GQA-style mapping. See ``checkpoint_filter_fn`` and
+``load_standard_vit_weights``.
 """
 from __future__ import annotations
 
 import logging
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -38,8 +46,16 @@ from timm.models import load_state_dict as timm_load_state_dict
 from timm.models.vision_transformer import Block, VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
-from ..attention import ATTENTION_LAYERS, BACKENDS, create_attention
-from ._helpers import checkpoint_errors, did_you_mean
+from ..attention import (
+    ATTN_KINDS,
+    check_attn_backend,
+    create_attention,
+    get_attn_kind,
+    layer_heads,
+    set_attention_backend,
+    twin_heads,
+)
+from ._helpers import checkpoint_errors
 
 __all__ = [
     'DiffBlock',
@@ -51,24 +67,17 @@ __all__ = [
 
 _logger = logging.getLogger(__name__)
 
-# Parameters that exist only in differential attention; a standard checkpoint cannot supply them.
-_DIFF_ONLY_KEY = re.compile(r'^blocks\.\d+\.attn\.(lambda_(q1|k1|q2|k2)|sub_norm\.weight)$')
-
-
-def _attn_head_kwargs(attn_kind: str, num_heads: int, noise_heads: Optional[int]) -> Dict[str, int]:
-    """Map the model's head arguments onto the attention module's constructor."""
-    if attn_kind == 'gda':
-        if noise_heads is None:
-            raise ValueError("attn_kind='gda' needs noise_heads (num_heads is the number of signal heads)")
-        return dict(signal_heads=num_heads, noise_heads=noise_heads)
-    if noise_heads is not None:
-        raise ValueError(
-            f"noise_heads={noise_heads} only applies to attn_kind='gda', got attn_kind={attn_kind!r}")
-    return dict(num_heads=num_heads)
+# Parameters only differential attention has; a standard checkpoint cannot supply them.
+_DIFF_ONLY_KEY = re.compile(
+    r'^blocks\.\d+\.attn\.(lambda_(q1|k1|q2|k2|scalar)|sub_norm\.weight|lambda_proj\.weight)$')
+# ... and of those, the ones not decayed: λ (re-parameterised or per head) and the per-head norm's gain.
+# DIFF V2's W_λ is decayed like the q/k/v projections: it is a projection of the tokens, and decay pulls
+# it towards λ = σ(0) = 0.5 for every token, a mild prior rather than a collapse.
+_NO_DECAY_KEY = re.compile(r'^blocks\.\d+\.attn\.(lambda_(q1|k1|q2|k2|scalar)|sub_norm\.weight)$')
 
 
 class DiffBlock(Block):
-    """timm's pre-norm ``Block`` with a diffvision attention layer (DIFF, GDA or standard).
+    """timm's pre-norm ``Block`` with a diffvision attention layer of any registered kind.
 
     timm's ``Block`` hands the block index (``depth``) only to timm's own ``DiffAttention``, but λinit
     depends on it, so this block builds the attention itself and keeps everything else timm's.
@@ -95,14 +104,17 @@ class DiffBlock(Block):
             depth: int = 0,
             attn_kind: str = 'diff',
             noise_heads: Optional[int] = None,
-            lambda_init: Optional[float] = None,
+            num_kv_heads: Optional[int] = None,
+            lambda_init: Union[float, str, None] = 'schedule',
+            lambda_mode: str = 'reparam',
+            head_norm: bool = True,
             attn_backend: str = 'auto',
             device=None,
             dtype=None,
     ) -> None:
         if attn_layer is not None:
             raise ValueError(
-                f"DiffBlock builds its attention from attn_kind (one of {sorted(ATTENTION_LAYERS)}); "
+                f"DiffBlock builds its attention from attn_kind (one of {list(ATTN_KINDS)}); "
                 f"attn_layer={attn_layer!r} is not accepted")
         # nn.Identity swallows timm's attention constructor arguments: a placeholder replaced below
         super().__init__(
@@ -113,25 +125,35 @@ class DiffBlock(Block):
             depth=depth, device=device, dtype=dtype,
         )
         self.attn = create_attention(
-            attn_kind, dim, **_attn_head_kwargs(attn_kind, num_heads, noise_heads),
+            attn_kind, dim, **layer_heads(attn_kind, num_heads, noise_heads=noise_heads, num_kv_heads=num_kv_heads),
             qkv_bias=qkv_bias, qk_norm=qk_norm, scale_norm=scale_attn_norm, proj_bias=proj_bias,
             attn_drop=attn_drop, proj_drop=proj_drop, norm_layer=norm_layer, depth=depth,
-            lambda_init=lambda_init, backend=attn_backend, device=device, dtype=dtype,
+            lambda_init=lambda_init, lambda_mode=lambda_mode, head_norm=head_norm, backend=attn_backend,
+            device=device, dtype=dtype,
         )
 
 
 class DiffVisionTransformer(VisionTransformer):
-    """timm ``VisionTransformer`` whose blocks use differential attention.
+    """timm ``VisionTransformer`` whose blocks use diffvision attention.
 
     Takes every ``VisionTransformer`` argument, plus:
 
     Args:
-        attn_kind: ``'diff'`` (paper's DIFF), ``'gda'`` (grouped) or ``'standard'`` (softmax MHA).
+        attn_kind: ``'diff'`` (the paper's DIFF), ``'gda'`` (grouped), ``'diffv2'`` (DIFF V2) or
+            ``'standard'`` (softmax MHA); see ``diffvision.attention.ATTN_KINDS``.
         num_heads: heads of the attention module: differential heads ``h`` for ``'diff'``
-            (q/k get ``2h`` sub-heads), signal heads ``Hs`` for ``'gda'``, heads for ``'standard'``.
+            (q/k get ``2h`` sub-heads), signal heads ``Hs`` for ``'gda'``, output heads ``h`` for
+            ``'diffv2'`` (``2h`` query heads), heads for ``'standard'``.
         noise_heads: noise heads ``Hn`` for ``'gda'`` (``num_heads % noise_heads == 0``).
-        lambda_init: constant λinit; ``None`` uses the paper's depth schedule 0.8 − 0.6·exp(−0.3·depth).
-        attn_backend: kernel backend, one of ``diffvision.attention.BACKENDS``; see ``set_attn_backend``.
+        num_kv_heads: key/value heads for ``'diffv2'`` (a divisor of ``num_heads``; default
+            ``num_heads / 2``, the parameter-matched layout).
+        lambda_init: λinit for ``'diff'`` / ``'gda'``: a number, or ``'schedule'`` for the paper's depth rule
+            0.8 − 0.6·exp(−0.3·depth).
+        lambda_mode: ``'reparam'`` (the paper's), ``'fixed'`` (λ = λinit) or ``'scalar'`` (a learnable λ per
+            head), for ``'diff'`` / ``'gda'``.
+        head_norm: per-head RMSNorm × (1 − λinit) after the difference (``'diff'`` / ``'gda'``).
+        attn_backend: kernel backend (``'auto'``, ``'math'``, ``'sdpa'``, ``'triton'``; DIFF V2 has no
+            ``'triton'``); see ``set_attention_backend``.
     """
 
     def __init__(
@@ -139,7 +161,10 @@ class DiffVisionTransformer(VisionTransformer):
             attn_kind: str = 'diff',
             num_heads: int = 6,
             noise_heads: Optional[int] = None,
-            lambda_init: Optional[float] = None,
+            num_kv_heads: Optional[int] = None,
+            lambda_init: Union[float, str, None] = 'schedule',
+            lambda_mode: str = 'reparam',
+            head_norm: bool = True,
             attn_backend: str = 'auto',
             **kwargs: Any,
     ) -> None:
@@ -147,37 +172,35 @@ class DiffVisionTransformer(VisionTransformer):
             if arg in kwargs:
                 raise ValueError(
                     f"DiffVisionTransformer builds its own blocks; choose the attention with "
-                    f"attn_kind={sorted(ATTENTION_LAYERS)}, not {arg}={kwargs[arg]!r}")
-        if attn_kind not in ATTENTION_LAYERS:
-            raise ValueError(f"unknown attn_kind {attn_kind!r}{did_you_mean(attn_kind, ATTENTION_LAYERS)}; "
-                             f"accepted: {sorted(ATTENTION_LAYERS)}")
-        _check_backend(attn_backend)
-        _attn_head_kwargs(attn_kind, num_heads, noise_heads)  # validate before building anything
+                    f"attn_kind={list(ATTN_KINDS)}, not {arg}={kwargs[arg]!r}")
+        get_attn_kind(attn_kind)
+        check_attn_backend(attn_backend)
+        # validate before building anything
+        layer_heads(attn_kind, num_heads, noise_heads=noise_heads, num_kv_heads=num_kv_heads)
         block_fn = partial(
-            DiffBlock, attn_kind=attn_kind, noise_heads=noise_heads, lambda_init=lambda_init,
-            attn_backend=attn_backend)
+            DiffBlock, attn_kind=attn_kind, noise_heads=noise_heads, num_kv_heads=num_kv_heads,
+            lambda_init=lambda_init, lambda_mode=lambda_mode, head_norm=head_norm, attn_backend=attn_backend)
         # timm's init_weights() runs inside; it calls each attention's init_weights(), which
-        # re-draws λ ~ N(0, 0.1) and resets the RMSNorm scale to 1 after the Linear inits
+        # re-draws λ after the Linear inits and resets the RMSNorm scale to 1
         super().__init__(num_heads=num_heads, block_fn=block_fn, attn_layer=None, **kwargs)
         self.attn_kind = attn_kind
 
     @property
     def attn_layout(self) -> Dict[str, Any]:
-        """The attention's head layout, e.g. ``{'attn_kind': 'gda', 'signal_heads': 4, ...}``."""
-        attn = self.blocks[0].attn if len(self.blocks) else None
-        if attn is None or self.attn_kind == 'standard':
-            return dict(attn_kind=self.attn_kind, num_heads=getattr(attn, 'num_heads', None),
-                        head_dim=getattr(attn, 'head_dim', None))
-        return dict(
-            attn_kind=self.attn_kind, signal_heads=attn.signal_heads, noise_heads=attn.noise_heads,
-            head_dim=attn.head_dim, value_head_dim=attn.value_head_dim, backend=attn.backend)
+        """The attention layout actually built, e.g. ``{'attn_kind': 'gda', 'signal_heads': 4, ...}``."""
+        if not len(self.blocks):
+            return dict(attn_kind=self.attn_kind)
+        return self.blocks[0].attn.layout
+
+    def set_attention_backend(self, backend: str) -> None:
+        """Switch the attention kernel (``'auto'``, ``'math'``, ``'sdpa'``, ``'triton'``): see
+        ``diffvision.attention.set_attention_backend``."""
+        set_attention_backend(self, backend)
 
     def set_attn_backend(self, backend: str) -> None:
-        """Switch the differential attention kernel (``'auto'``, ``'math'``, ``'sdpa'``, ``'triton'``)."""
-        _check_backend(backend)
-        for block in self.blocks:
-            if hasattr(block.attn, 'backend'):
-                block.attn.backend = backend
+        """Deprecated name of :meth:`set_attention_backend`."""
+        warnings.warn("set_attn_backend is deprecated; use set_attention_backend", FutureWarning, stacklevel=2)
+        set_attention_backend(self, backend)
 
     def _check_image(self, x: torch.Tensor) -> None:
         """Name what is wrong with an input before the patch conv does it cryptically.
@@ -206,22 +229,17 @@ class DiffVisionTransformer(VisionTransformer):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
-        """timm's ViT set plus every λ vector and per-head RMSNorm scale.
+        """timm's ViT set plus every λ parameter and per-head RMSNorm scale.
 
-        λ is a learned scalar per layer (re-parameterised by four vectors) and the RMSNorm scale is a
-        normalisation gain: like timm's norms, biases and position embeddings they are not decayed.
-        (timm's optimizer factory already skips 1-D parameters; naming them here also covers trainers
-        that rely on this list alone.)
+        DIFF/GDA's λ is a learned scalar per layer (re-parameterised by four vectors) or per head, and the
+        RMSNorm scale is a normalisation gain: like timm's norms, biases and position embeddings they are not
+        decayed. (timm's optimizer factory already skips 1-D parameters; naming them here also covers
+        trainers that rely on this list alone.) DIFF V2's ``lambda_proj`` (W_λ) is a token projection and is
+        decayed like q/k/v.
         """
         names = set(super().no_weight_decay())
-        names.update(n for n, _ in self.named_parameters() if _DIFF_ONLY_KEY.match(n))
+        names.update(n for n, _ in self.named_parameters() if _NO_DECAY_KEY.match(n))
         return names
-
-
-def _check_backend(backend: str) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown attn_backend {backend!r}{did_you_mean(backend, BACKENDS)}; "
-                         f"accepted: {list(BACKENDS)}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -233,18 +251,22 @@ class StandardViTMapping:
     """What ``load_standard_vit_weights`` (or ``checkpoint_filter_fn``) did with a checkpoint."""
     copied: List[str] = field(default_factory=list)      # model keys copied verbatim
     resampled: List[str] = field(default_factory=list)   # model keys resized by timm (pos/patch embed)
+    converted: List[str] = field(default_factory=list)   # model keys built from the checkpoint by a rule
     kept_init: List[str] = field(default_factory=list)   # model keys the checkpoint cannot supply
     dropped: List[str] = field(default_factory=list)     # checkpoint keys not loaded (e.g. another head)
+    rules: List[str] = field(default_factory=list)       # how the converted keys were built
 
     @property
     def mapped(self) -> List[str]:
-        return self.copied + self.resampled
+        return self.copied + self.resampled + self.converted
 
     def __str__(self) -> str:
-        return (f"{len(self.copied)} tensors copied, {len(self.resampled)} resampled "
-                f"({', '.join(self.resampled) or '-'}), {len(self.kept_init)} kept their init "
-                f"({_summarise(self.kept_init)}), {len(self.dropped)} checkpoint tensors dropped "
-                f"({', '.join(self.dropped) or '-'})")
+        text = (f"{len(self.copied)} tensors copied, {len(self.resampled)} resampled "
+                f"({', '.join(self.resampled) or '-'}), ")
+        if self.converted:
+            text += f"{len(self.converted)} converted ({_summarise(self.converted)}: {'; '.join(self.rules)}), "
+        return text + (f"{len(self.kept_init)} kept their init ({_summarise(self.kept_init)}), {len(self.dropped)} "
+                       f"checkpoint tensors dropped ({', '.join(self.dropped) or '-'})")
 
 
 def _summarise(keys: List[str]) -> str:
@@ -261,13 +283,58 @@ def _num_blocks(state_dict: Mapping[str, Any]) -> int:
     return len({m.group(1) for k in state_dict for m in [re.match(r'^blocks\.(\d+)\.', k)] if m})
 
 
-def _map_state_dict(state_dict: Mapping[str, Any], model: VisionTransformer):
+# timm's ViTs (Ti / S / B / L) all have heads of 64; a plain state dict does not record its head count.
+_STANDARD_HEAD_DIM = 64
+
+
+def _standard_to_diffv2(state: Dict[str, Any], model: VisionTransformer, source_num_heads: Optional[int],
+                        report: StandardViTMapping) -> None:
+    """Map standard attention ``qkv`` tensors onto DIFF V2's layout in place (GQA-style, Ainslie et al. 2023):
+
+    query head ``2i`` (the signal of output head ``i``) = standard query head ``i``; query head ``2i+1``
+    (its noise) keeps the model's init; key/value head ``g`` = the mean of the standard key/value heads
+    it replaces (``h / h_kv`` consecutive ones, which include every output head of its group). ``proj``
+    (``h·d -> dim``) and everything else load by name; ``W_λ`` keeps its init.
+    """
+    attn = model.blocks[0].attn
+    h, hkv, d, dim = attn.num_heads, attn.num_kv_heads, attn.head_dim, model.embed_dim
+    heads = source_num_heads if source_num_heads is not None else dim // _STANDARD_HEAD_DIM
+    if heads != h or h * d != dim:
+        assumed = "" if source_num_heads is not None else f" (assumed: timm ViTs have heads of {_STANDARD_HEAD_DIM}; " \
+                                                          f"pass source_num_heads if not)"
+        raise ValueError(
+            f"no sound mapping from a standard ViT with {heads} heads of {dim // max(heads, 1)}{assumed} onto this "
+            f"DIFF V2 model's {h} output heads of {d}: the GQA mapping needs one output head per standard head of "
+            f"the same width (the diffv2 ViT-S/B layouts; ViT-Ti's 3 heads of 64 become 4 heads of 48, which "
+            f"has none)")
+    group = h // hkv
+    model_sd = model.state_dict()
+    for i in range(len(model.blocks)):
+        for kind in ('weight', 'bias'):
+            key = f'blocks.{i}.attn.qkv.{kind}'
+            if key not in state:
+                continue
+            src, init = state[key], model_sd[key]
+            q, k, v = src.split(dim, dim=0)
+            rest = src.shape[1:]
+            new_q = init[:2 * h * d].clone().view(2 * h, d, *rest)
+            new_q[0::2] = q.view(h, d, *rest).to(init.dtype)
+            pooled = [t.view(hkv, group, d, *rest).mean(dim=1).reshape(hkv * d, *rest).to(init.dtype) for t in (k, v)]
+            state[key] = torch.cat([new_q.reshape(2 * h * d, *rest), *pooled])
+            report.converted.append(key)
+    report.rules.append(f"query heads 2i <- standard heads i, noise query heads 2i+1 kept their init, "
+                        f"key/value heads <- mean of {group} standard heads each")
+
+
+def _map_state_dict(state_dict: Mapping[str, Any], model: VisionTransformer,
+                    source_num_heads: Optional[int] = None):
     """Fit a timm ViT state dict (standard or diffvision) to ``model``; returns (state_dict, report).
 
-    Keys load by name: a standard ViT's q/k/v/proj tensors have exactly the differential layout's
-    shapes and order (see the module docstring and README). timm's own ViT filter converts foreign
-    layouts and resamples position / patch embeddings first. Parameters only differential attention
-    has (λ vectors, per-head RMSNorm) and a classifier of another size keep the model's init.
+    Keys load by name: a standard ViT's q/k/v/proj tensors have exactly the DIFF/GDA layout's shapes and
+    order (see the module docstring and README); onto DIFF V2 a standard checkpoint's ``qkv`` goes through
+    ``_standard_to_diffv2``. timm's own ViT filter converts foreign layouts and resamples position / patch
+    embeddings first. Parameters only differential attention has (λ, per-head RMSNorm, W_λ) and a
+    classifier of another size keep the model's init.
     """
     model_sd = model.state_dict()
     source = dict(state_dict)
@@ -291,6 +358,10 @@ def _map_state_dict(state_dict: Mapping[str, Any], model: VisionTransformer):
     out = vit_checkpoint_filter_fn(source, model)
 
     report = StandardViTMapping()
+    is_diffv2 = getattr(model, 'attn_kind', None) == 'diffv2'
+    source_is_standard = not any(_DIFF_ONLY_KEY.match(k) for k in out)
+    if is_diffv2 and source_is_standard and any(k.endswith('.attn.qkv.weight') for k in out):
+        _standard_to_diffv2(out, model, source_num_heads, report)
     classifier = (getattr(model, 'pretrained_cfg', None) or {}).get('classifier') or 'head'
     classifier_keys = {f'{classifier}.weight', f'{classifier}.bias'}
     for k in sorted(classifier_keys & set(out)):
@@ -307,7 +378,10 @@ def _map_state_dict(state_dict: Mapping[str, Any], model: VisionTransformer):
         raise ValueError(
             "checkpoint does not fit the model (a standard ViT of the same width, depth, mlp_ratio, "
             "class token and pooling is needed):\n" + '\n'.join(lines))
+    converted = set(report.converted)
     for k in out:
+        if k in converted:
+            continue
         (report.resampled if before.get(k) not in (None, tuple(out[k].shape)) else report.copied).append(k)
     for k, v in model_sd.items():
         if k not in out and (_DIFF_ONLY_KEY.match(k) or k in classifier_keys):
@@ -321,7 +395,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: VisionTransformer) -
 
     Used by ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path))``
     and by ``local-dir:`` / hub loading. Raises ``ValueError`` naming the shapes when the checkpoint
-    has another width, depth or block layout.
+    has another width, depth or block layout. (Onto DIFF V2, a standard checkpoint is assumed to have
+    timm's heads of 64; ``load_standard_vit_weights`` takes another count.)
     """
     out, report = _map_state_dict(state_dict, model)
     _logger.info(f"checkpoint mapped onto {type(model).__name__}: {report}")
@@ -331,21 +406,27 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: VisionTransformer) -
 def load_standard_vit_weights(
         model: VisionTransformer,
         checkpoint: Union[str, os.PathLike, Mapping[str, torch.Tensor], nn.Module],
+        source_num_heads: Optional[int] = None,
 ) -> StandardViTMapping:
-    """Initialise a DIFF/GDA-ViT from a standard timm ViT of the same width and depth.
+    """Initialise a DIFF/GDA/DIFF V2-ViT from a standard timm ViT of the same width and depth.
 
     Args:
         model: a model from this module (e.g. ``timm.create_model('diff_vit_small_patch16_224')``).
         checkpoint: a state dict, a timm ViT module, or a file timm can read (``.pth``, ``.bin``,
             ``.safetensors``; a ``{'state_dict': ...}`` or ``{'model': ...}`` wrapper is unwrapped).
             For original JAX ``.npz`` files, create the timm ViT from them first and pass it here.
+        source_num_heads: the checkpoint's head count, which only the DIFF V2 mapping needs; read from a
+            module, else assumed to be ``width / 64`` (timm's ViTs).
 
     Patch/position embeddings (resampled by timm if the patch or image size differs), norms, MLPs
-    and the q/k/v/proj tensors are copied; λ vectors and per-head RMSNorm scales keep their init;
-    a classifier of another size is dropped. Returns the report of which keys did what.
+    and the q/k/v/proj tensors are copied (onto DIFF V2, q/k/v are converted GQA-style); λ, per-head
+    RMSNorm scales and W_λ keep their init; a classifier of another size is dropped. Returns the report of
+    which keys did what.
     """
     if isinstance(checkpoint, nn.Module):
         state_dict = checkpoint.state_dict()
+        if source_num_heads is None and len(getattr(checkpoint, 'blocks', ())):
+            source_num_heads = getattr(checkpoint.blocks[0].attn, 'num_heads', None)
     elif isinstance(checkpoint, (str, os.PathLike)):
         if not os.path.isfile(checkpoint):
             raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
@@ -356,7 +437,7 @@ def load_standard_vit_weights(
     else:
         raise TypeError(
             f"checkpoint must be a path, a state dict or an nn.Module, got {type(checkpoint).__name__}")
-    out, report = _map_state_dict(state_dict, model)
+    out, report = _map_state_dict(state_dict, model, source_num_heads)
     model.load_state_dict(out, strict=True)
     return report
 
@@ -397,30 +478,46 @@ def _cfg_32(description: str, **kwargs) -> Dict[str, Any]:
 
 
 _DIFF_PAPER = dict(paper_name='Differential Transformer', paper_ids='arXiv:2410.05258')
+_DIFF_V2_CODE = dict(paper_name='Differential Transformer V2',
+                     origin_url='https://github.com/microsoft/unilm/tree/master/Diff-Transformer/Diff-Transformer-V2')
 
 
-def _diff(dim: int, h: int) -> str:
-    d = dim // (2 * h)
-    return (f"DIFF attention, {h} differential heads (q/k: {2 * h} sub-heads of {d}, "
-            f"v: {h} heads of {2 * d}); untrained")
+def _describe(attn_kind: str, dim: int, heads: Dict[str, int]) -> str:
+    h = heads['num_heads']
+    if attn_kind == 'diff':
+        d = dim // (2 * h)
+        return f"DIFF attention, {h} differential heads (q/k: {2 * h} sub-heads of {d}, v: {h} heads of {2 * d}); untrained"
+    if attn_kind == 'gda':
+        hn = heads['noise_heads']
+        return (f"grouped differential attention {h}:{hn} (q/k: {h + hn} sub-heads of {dim // (h + hn)}, "
+                f"v: {h} heads of {dim // h}); untrained")
+    return (f"DIFF V2 attention, {h} output heads of {dim // h} ({2 * h} query heads, "
+            f"{heads['num_kv_heads']} key/value heads); untrained")
 
 
-def _gda(dim: int, hs: int, hn: int) -> str:
-    return (f"grouped differential attention {hs}:{hn} (q/k: {hs + hn} sub-heads of {dim // (hs + hn)}, "
-            f"v: {hs} heads of {dim // hs}); untrained")
+# (width, standard heads) of each size; every differential model's heads come from the registry's twin rule
+_SIZES = {'tiny': (192, 3), 'small': (384, 6), 'base': (768, 12)}
+_VARIANTS = [(f'{kind}_vit_{size}_{patch}', kind, size, patch)
+             for kind in ('diff', 'gda', 'diffv2')
+             for size, patch in (('tiny', 'patch16_224'), ('small', 'patch16_224'), ('base', 'patch16_224'),
+                                 ('tiny', 'patch4_32'), ('small', 'patch4_32'))]
+
+
+def _model_args(attn_kind: str, size: str, patch: str) -> Dict[str, Any]:
+    dim, heads = _SIZES[size]
+    return dict(patch_size=16 if patch == 'patch16_224' else 4, embed_dim=dim, depth=12, attn_kind=attn_kind,
+                **twin_heads(attn_kind, dim, heads))
+
+
+def _variant_cfg(attn_kind: str, size: str, patch: str) -> Dict[str, Any]:
+    dim, heads = _SIZES[size]
+    paper = {'diff': _DIFF_PAPER, 'gda': {}, 'diffv2': _DIFF_V2_CODE}[attn_kind]
+    cfg = _cfg if patch == 'patch16_224' else _cfg_32
+    return cfg(_describe(attn_kind, dim, twin_heads(attn_kind, dim, heads)), **paper)
 
 
 default_cfgs = generate_default_cfgs({
-    'diff_vit_tiny_patch16_224': _cfg(_diff(192, 3), **_DIFF_PAPER),
-    'diff_vit_small_patch16_224': _cfg(_diff(384, 3), **_DIFF_PAPER),
-    'diff_vit_base_patch16_224': _cfg(_diff(768, 6), **_DIFF_PAPER),
-    'diff_vit_tiny_patch4_32': _cfg_32(_diff(192, 3), **_DIFF_PAPER),
-    'diff_vit_small_patch4_32': _cfg_32(_diff(384, 3), **_DIFF_PAPER),
-    'gda_vit_tiny_patch16_224': _cfg(_gda(192, 2, 1)),
-    'gda_vit_small_patch16_224': _cfg(_gda(384, 4, 2)),
-    'gda_vit_base_patch16_224': _cfg(_gda(768, 8, 4)),
-    'gda_vit_tiny_patch4_32': _cfg_32(_gda(192, 2, 1)),
-    'gda_vit_small_patch4_32': _cfg_32(_gda(384, 4, 2)),
+    **{name: _variant_cfg(kind, size, patch) for name, kind, size, patch in _VARIANTS},
     'vit_tiny_patch4_32': _cfg_32('standard ViT-Ti/4 for 32x32 inputs (3 heads of 64); untrained'),
     'vit_small_patch4_32': _cfg_32('standard ViT-S/4 for 32x32 inputs (6 heads of 64); untrained'),
 })
@@ -461,6 +558,11 @@ def _create_diff_vit(variant: str, pretrained: bool = False, **kwargs) -> DiffVi
     return _build(DiffVisionTransformer, checkpoint_filter_fn, variant, pretrained, **kwargs)
 
 
+def _create_variant(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -> DiffVisionTransformer:
+    _, kind, size, patch = next(v for v in _VARIANTS if v[0] == variant)
+    return _create_diff_vit(variant, pretrained=pretrained, **dict(_model_args(kind, size, patch), **kwargs))
+
+
 def _create_vit(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformer:
     """timm's own VisionTransformer (timm Attention): the standard twins of the 32x32 models."""
     return _build(VisionTransformer, vit_checkpoint_filter_fn, variant, pretrained, **kwargs)
@@ -469,82 +571,102 @@ def _create_vit(variant: str, pretrained: bool = False, **kwargs) -> VisionTrans
 @register_model
 def diff_vit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> DiffVisionTransformer:
     """ DIFF-ViT-Ti/16: ViT-Ti/16 with 3 differential heads (q/k sub-heads of 32, v heads of 64). """
-    model_args = dict(patch_size=16, embed_dim=192, depth=12, attn_kind='diff', num_heads=3)
-    return _create_diff_vit('diff_vit_tiny_patch16_224', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_variant('diff_vit_tiny_patch16_224', pretrained, kwargs)
 
 
 @register_model
 def diff_vit_small_patch16_224(pretrained: bool = False, **kwargs) -> DiffVisionTransformer:
     """ DIFF-ViT-S/16: ViT-S/16 with 3 differential heads (q/k sub-heads of 64, v heads of 128). """
-    model_args = dict(patch_size=16, embed_dim=384, depth=12, attn_kind='diff', num_heads=3)
-    return _create_diff_vit('diff_vit_small_patch16_224', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_variant('diff_vit_small_patch16_224', pretrained, kwargs)
 
 
 @register_model
 def diff_vit_base_patch16_224(pretrained: bool = False, **kwargs) -> DiffVisionTransformer:
     """ DIFF-ViT-B/16: ViT-B/16 with 6 differential heads (q/k sub-heads of 64, v heads of 128). """
-    model_args = dict(patch_size=16, embed_dim=768, depth=12, attn_kind='diff', num_heads=6)
-    return _create_diff_vit('diff_vit_base_patch16_224', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_variant('diff_vit_base_patch16_224', pretrained, kwargs)
 
 
 @register_model
 def diff_vit_tiny_patch4_32(pretrained: bool = False, **kwargs) -> DiffVisionTransformer:
     """ DIFF-ViT-Ti/4 for 32x32 inputs (64 patches + class token), 3 differential heads. """
-    model_args = dict(patch_size=4, embed_dim=192, depth=12, attn_kind='diff', num_heads=3)
-    return _create_diff_vit('diff_vit_tiny_patch4_32', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_variant('diff_vit_tiny_patch4_32', pretrained, kwargs)
 
 
 @register_model
 def diff_vit_small_patch4_32(pretrained: bool = False, **kwargs) -> DiffVisionTransformer:
     """ DIFF-ViT-S/4 for 32x32 inputs (64 patches + class token), 3 differential heads. """
-    model_args = dict(patch_size=4, embed_dim=384, depth=12, attn_kind='diff', num_heads=3)
-    return _create_diff_vit('diff_vit_small_patch4_32', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_variant('diff_vit_small_patch4_32', pretrained, kwargs)
 
 
 @register_model
 def gda_vit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> DiffVisionTransformer:
     """ GDA-ViT-Ti/16: ViT-Ti/16 with grouped differential attention, 2 signal : 1 noise head. """
-    model_args = dict(patch_size=16, embed_dim=192, depth=12, attn_kind='gda', num_heads=2, noise_heads=1)
-    return _create_diff_vit('gda_vit_tiny_patch16_224', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_variant('gda_vit_tiny_patch16_224', pretrained, kwargs)
 
 
 @register_model
 def gda_vit_small_patch16_224(pretrained: bool = False, **kwargs) -> DiffVisionTransformer:
     """ GDA-ViT-S/16: ViT-S/16 with grouped differential attention, 4 signal : 2 noise heads. """
-    model_args = dict(patch_size=16, embed_dim=384, depth=12, attn_kind='gda', num_heads=4, noise_heads=2)
-    return _create_diff_vit('gda_vit_small_patch16_224', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_variant('gda_vit_small_patch16_224', pretrained, kwargs)
 
 
 @register_model
 def gda_vit_base_patch16_224(pretrained: bool = False, **kwargs) -> DiffVisionTransformer:
     """ GDA-ViT-B/16: ViT-B/16 with grouped differential attention, 8 signal : 4 noise heads. """
-    model_args = dict(patch_size=16, embed_dim=768, depth=12, attn_kind='gda', num_heads=8, noise_heads=4)
-    return _create_diff_vit('gda_vit_base_patch16_224', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_variant('gda_vit_base_patch16_224', pretrained, kwargs)
 
 
 @register_model
 def gda_vit_tiny_patch4_32(pretrained: bool = False, **kwargs) -> DiffVisionTransformer:
     """ GDA-ViT-Ti/4 for 32x32 inputs, 2 signal : 1 noise head. """
-    model_args = dict(patch_size=4, embed_dim=192, depth=12, attn_kind='gda', num_heads=2, noise_heads=1)
-    return _create_diff_vit('gda_vit_tiny_patch4_32', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_variant('gda_vit_tiny_patch4_32', pretrained, kwargs)
 
 
 @register_model
 def gda_vit_small_patch4_32(pretrained: bool = False, **kwargs) -> DiffVisionTransformer:
     """ GDA-ViT-S/4 for 32x32 inputs, 4 signal : 2 noise heads. """
-    model_args = dict(patch_size=4, embed_dim=384, depth=12, attn_kind='gda', num_heads=4, noise_heads=2)
-    return _create_diff_vit('gda_vit_small_patch4_32', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_variant('gda_vit_small_patch4_32', pretrained, kwargs)
+
+
+@register_model
+def diffv2_vit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> DiffVisionTransformer:
+    """ DIFF V2-ViT-Ti/16: 4 output heads of 48 (8 query heads, 2 key/value heads): ViT-Ti's 3 heads are odd. """
+    return _create_variant('diffv2_vit_tiny_patch16_224', pretrained, kwargs)
+
+
+@register_model
+def diffv2_vit_small_patch16_224(pretrained: bool = False, **kwargs) -> DiffVisionTransformer:
+    """ DIFF V2-ViT-S/16: 6 output heads of 64 (12 query heads, 3 key/value heads). """
+    return _create_variant('diffv2_vit_small_patch16_224', pretrained, kwargs)
+
+
+@register_model
+def diffv2_vit_base_patch16_224(pretrained: bool = False, **kwargs) -> DiffVisionTransformer:
+    """ DIFF V2-ViT-B/16: 12 output heads of 64 (24 query heads, 6 key/value heads). """
+    return _create_variant('diffv2_vit_base_patch16_224', pretrained, kwargs)
+
+
+@register_model
+def diffv2_vit_tiny_patch4_32(pretrained: bool = False, **kwargs) -> DiffVisionTransformer:
+    """ DIFF V2-ViT-Ti/4 for 32x32 inputs: 4 output heads of 48 (8 query heads, 2 key/value heads). """
+    return _create_variant('diffv2_vit_tiny_patch4_32', pretrained, kwargs)
+
+
+@register_model
+def diffv2_vit_small_patch4_32(pretrained: bool = False, **kwargs) -> DiffVisionTransformer:
+    """ DIFF V2-ViT-S/4 for 32x32 inputs: 6 output heads of 64 (12 query heads, 3 key/value heads). """
+    return _create_variant('diffv2_vit_small_patch4_32', pretrained, kwargs)
 
 
 @register_model
 def vit_tiny_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """ ViT-Ti/4 for 32x32 inputs: the standard-attention twin of diff/gda_vit_tiny_patch4_32. """
+    """ ViT-Ti/4 for 32x32 inputs: the standard-attention twin of the diff/gda/diffv2 tiny patch4_32 models. """
     model_args = dict(patch_size=4, embed_dim=192, depth=12, num_heads=3)
     return _create_vit('vit_tiny_patch4_32', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def vit_small_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """ ViT-S/4 for 32x32 inputs: the standard-attention twin of diff/gda_vit_small_patch4_32. """
+    """ ViT-S/4 for 32x32 inputs: the standard-attention twin of the diff/gda/diffv2 small patch4_32 models. """
     model_args = dict(patch_size=4, embed_dim=384, depth=12, num_heads=6)
     return _create_vit('vit_small_patch4_32', pretrained=pretrained, **dict(model_args, **kwargs))
