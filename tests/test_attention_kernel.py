@@ -217,3 +217,53 @@ def test_mixed_devices():
     args[4] = args[4].to("meta")  # any second device; the check runs before any compute
     with pytest.raises(ValueError, match="one device"):
         _call(args)
+
+
+def _sdpa_gradient_layouts(monkeypatch):
+    """For each sdpa-backend call shape, whether every SDPA output received a contiguous gradient when the
+    caller's own gradient is transposed (what a head merge's backward hands back)."""
+    import diffvision.attention.functional as functional
+    from diffvision.attention import differential_attention_v2
+
+    seen = []
+    real = functional.F.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out.register_hook(lambda grad: seen.append(grad.is_contiguous()))
+        return out
+
+    monkeypatch.setattr(functional.F, "scaled_dot_product_attention", recording)
+
+    def leaves(*tensors):
+        return [t.requires_grad_(True) for t in tensors]
+
+    per_head_mask = torch.ones(1, 4, 5, 6, dtype=torch.bool)
+    calls = {  # DIFF, GDA (grouped values), GDA with a per-head mask (noise heads expanded), DIFF V2
+        "diff": lambda: differential_attention(*leaves(*make_inputs(2, 2, 2, 5, 6, 8, 16)), backend="sdpa"),
+        "gda": lambda: differential_attention(*leaves(*make_inputs(2, 4, 2, 5, 6, 8, 16)), backend="sdpa"),
+        "gda per-head mask": lambda: differential_attention(*leaves(*make_inputs(2, 4, 2, 5, 6, 8, 16)),
+                                                            attn_mask=per_head_mask, backend="sdpa"),
+        "diffv2": lambda: differential_attention_v2(*leaves(torch.randn(2, 4, 5, 8), torch.randn(2, 1, 6, 8),
+                                                            torch.randn(2, 1, 6, 8), torch.rand(2, 2, 5)),
+                                                    backend="sdpa"),
+    }
+    layouts = {}
+    for name, call in calls.items():
+        seen.clear()
+        out = call()  # merged heads as a module does it: the gradient coming back is transposed
+        out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1).square().sum().backward()
+        layouts[name] = list(seen)
+    return layouts
+
+
+def test_every_sdpa_output_hands_sdpa_a_contiguous_gradient(monkeypatch):
+    """cuDNN's SDPA backward (torch 2.11, H200) gave wrong q/k/v gradients for the second of two output-gradient
+    layouts at one shape in a process (see _ContiguousGrad): each SDPA call of the sdpa backends, DIFF V2's
+    included, receives its gradient contiguous, whatever layout the layers above hand back."""
+    layouts = _sdpa_gradient_layouts(monkeypatch)
+    assert layouts == {"diff": [True, True], "gda": [True, True], "gda per-head mask": [True, True],
+                       "diffv2": [True]}
+    import diffvision.attention.functional as functional  # the control: without it, the layout leaks through
+    monkeypatch.setattr(functional._ContiguousGrad, "apply", lambda x: x)
+    assert False in _sdpa_gradient_layouts(monkeypatch)["diff"]

@@ -216,28 +216,52 @@ def _math(q1, k1, q2, k2, v, lam, attn_mask, is_causal, dropout_p, scale) -> Ten
     return (a1 - _lam_view(lam, a1.dtype) * a2) @ v
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """The identity, whose backward hands on a contiguous gradient.
+
+    Why: on an H200 (torch 2.11), cuDNN's SDPA backward gave q/k/v gradients with 0.8 to 1.7 relative
+    error when one process fed it output gradients of two stride layouts at one shape (a DIFF layer with
+    and without the per-head norm: the norm's backward gives a contiguous gradient, the head merge's a
+    transposed one; whichever came second was wrong, the first right; train/check_kernels.py). Handing
+    every SDPA output of this module its gradient in one layout keeps cuDNN on the layout it planned for.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.contiguous()
+
+
+def _sdpa_call(q, k, v, **kwargs) -> Tensor:
+    out = F.scaled_dot_product_attention(q, k, v, **kwargs)
+    return _ContiguousGrad.apply(out) if out.requires_grad else out
+
+
 def _sdpa(q1, k1, q2, k2, v, lam, attn_mask, is_causal, dropout_p, scale) -> Tensor:
     B, Hs, M, dv = v.shape
     if attn_mask is not None and attn_mask.dtype != torch.bool:
         attn_mask = attn_mask.to(q1.dtype)  # SDPA wants an additive mask in the query dtype
     Hn = q2.shape[1]
     group = Hs // Hn
-    o1 = F.scaled_dot_product_attention(
+    o1 = _sdpa_call(
         q1, k1, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
     mask_per_head = attn_mask is not None and attn_mask.dim() >= 3 and attn_mask.shape[-3] != 1
     if group == 1:
-        o2 = F.scaled_dot_product_attention(
+        o2 = _sdpa_call(
             q2, k2, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
     elif mask_per_head:
         # A per-signal-head mask makes each head's noise map different: expand the noise heads.
-        o2 = F.scaled_dot_product_attention(
+        o2 = _sdpa_call(
             q2.repeat_interleave(group, dim=1), k2.repeat_interleave(group, dim=1), v,
             attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
     else:
         # One noise map per group multiplies the group's values side by side: stack the group's
         # value heads along the feature dim so each noise map is computed once, not `group` times.
         v_grouped = v.reshape(B, Hn, group, M, dv).transpose(2, 3).reshape(B, Hn, M, group * dv)
-        o2 = F.scaled_dot_product_attention(
+        o2 = _sdpa_call(
             q2, k2, v_grouped, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
             scale=scale)
         N = q2.shape[2]
@@ -296,8 +320,8 @@ def _v2_math(q, k, v, lam, attn_mask, is_causal, dropout_p, scale) -> Tensor:
 def _v2_sdpa(q, k, v, lam, attn_mask, is_causal, dropout_p, scale) -> Tensor:
     if attn_mask is not None and attn_mask.dtype != torch.bool:
         attn_mask = attn_mask.to(q.dtype)  # SDPA wants an additive mask in the query dtype
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                                         scale=scale, enable_gqa=True)
+    out = _sdpa_call(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                     enable_gqa=True)
     if attn_mask is not None:
         # zeros for a query head's row with no visible key (some CUDA kernels give an average instead)
         out = out.masked_fill(_no_key_rows(attn_mask).unsqueeze(-1), 0.0)  # no .any(): it would sync the GPU

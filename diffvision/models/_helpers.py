@@ -14,7 +14,7 @@ import pickle
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator, List, Optional, Union
+from typing import Any, Iterator, List, Optional, Union
 
 import torch
 
