@@ -4,6 +4,19 @@ import math
 import torch
 
 
+def reference_bias(B, H, N, M, mask=None, causal=False):
+    """The additive float64 bias (B, H, N, M) of a bool / additive mask and a top-left causal mask."""
+    bias = torch.zeros(B, H, N, M, dtype=torch.float64)
+    if causal:
+        bias = bias.masked_fill(~torch.ones(N, M, dtype=torch.bool).tril(), -math.inf)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            bias = bias.masked_fill(~mask.expand(B, H, N, M), -math.inf)
+        else:
+            bias = bias + mask.double().expand(B, H, N, M)
+    return bias
+
+
 def reference(q1, k1, q2, k2, v, lam, mask=None, causal=False, scale=None):
     """Head by head in float64: (softmax(q1 k1ᵀ s + m) − λ softmax(q2 k2ᵀ s + m)) v."""
     q1, k1, q2, k2, v = (t.double() for t in (q1, k1, q2, k2, v))
@@ -11,14 +24,7 @@ def reference(q1, k1, q2, k2, v, lam, mask=None, causal=False, scale=None):
     B, Hs, N, d = q1.shape
     Hn, M = q2.shape[1], k1.shape[2]
     s = 1.0 / math.sqrt(d) if scale is None else scale
-    bias = torch.zeros(B, Hs, N, M, dtype=torch.float64)
-    if causal:
-        bias = bias.masked_fill(~torch.ones(N, M, dtype=torch.bool).tril(), -math.inf)
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            bias = bias.masked_fill(~mask.expand(B, Hs, N, M), -math.inf)
-        else:
-            bias = bias + mask.double().expand(B, Hs, N, M)
+    bias = reference_bias(B, Hs, N, M, mask, causal)
     out = torch.empty(B, Hs, N, v.shape[-1], dtype=torch.float64)
     for i in range(Hs):
         g = i // (Hs // Hn)
@@ -50,14 +56,7 @@ def reference_v2(q, k, v, lam, mask=None, causal=False, scale=None):
     h, group = Q // 2, Q // Hkv
     lam = lam.double().expand(B, h, N)
     s = 1.0 / math.sqrt(d) if scale is None else scale
-    bias = torch.zeros(B, Q, N, M, dtype=torch.float64)
-    if causal:
-        bias = bias.masked_fill(~torch.ones(N, M, dtype=torch.bool).tril(), -math.inf)
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            bias = bias.masked_fill(~mask.expand(B, Q, N, M), -math.inf)
-        else:
-            bias = bias + mask.double().expand(B, Q, N, M)
+    bias = reference_bias(B, Q, N, M, mask, causal)
     out = torch.empty(B, h, N, v.shape[-1], dtype=torch.float64)
     for i in range(h):
         g = (2 * i) // group

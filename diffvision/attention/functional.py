@@ -195,6 +195,12 @@ def _safe_softmax(scores: Tensor) -> Tensor:
     return probs.masked_fill(fully_masked, 0.0)
 
 
+def _softmax_maps(q: Tensor, k: Tensor, scale: float, bias: Optional[Tensor]) -> Tensor:
+    """softmax(q kᵀ·scale + bias) as explicit maps; a row with no visible key is zeros (``_safe_softmax``)."""
+    scores = (q @ k.transpose(-2, -1)) * scale
+    return _safe_softmax(scores if bias is None else scores + bias)
+
+
 def _no_key_rows(attn_mask: Tensor) -> Tensor:
     """True where a query row sees no key at all (its output is defined as zeros, as in SDPA)."""
     return ~attn_mask.any(dim=-1) if attn_mask.dtype == torch.bool else torch.isneginf(attn_mask).all(dim=-1)
@@ -205,11 +211,7 @@ def _math(q1, k1, q2, k2, v, lam, attn_mask, is_causal, dropout_p, scale) -> Ten
     q2 = q2.repeat_interleave(group, dim=1)
     k2 = k2.repeat_interleave(group, dim=1)
     bias = _additive_mask(attn_mask, is_causal, q1.shape[2], k1.shape[2], q1.dtype, q1.device)
-    s1 = (q1 @ k1.transpose(-2, -1)) * scale
-    s2 = (q2 @ k2.transpose(-2, -1)) * scale
-    if bias is not None:
-        s1, s2 = s1 + bias, s2 + bias
-    a1, a2 = _safe_softmax(s1), _safe_softmax(s2)
+    a1, a2 = _softmax_maps(q1, k1, scale, bias), _softmax_maps(q2, k2, scale, bias)
     if dropout_p > 0.0:
         # Each map is dropped independently, exactly as two SDPA calls with dropout do.
         a1, a2 = F.dropout(a1, dropout_p), F.dropout(a2, dropout_p)
@@ -308,9 +310,7 @@ def _auto_backend(q1, k1, q2, k2, v, attn_mask, dropout_p) -> str:
 def _v2_math(q, k, v, lam, attn_mask, is_causal, dropout_p, scale) -> Tensor:
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    scores = (q @ k.transpose(-2, -1)) * scale
-    bias = _additive_mask(attn_mask, is_causal, q.shape[2], k.shape[2], q.dtype, q.device)
-    maps = _safe_softmax(scores if bias is None else scores + bias)
+    maps = _softmax_maps(q, k, scale, _additive_mask(attn_mask, is_causal, q.shape[2], k.shape[2], q.dtype, q.device))
     if dropout_p > 0.0:
         maps = F.dropout(maps, dropout_p)  # each query head's map on its own, as one SDPA call drops them
     # heads 2i and 2i+1 read the same value head (they share a GQA group)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..choices import check_choice
-from .functional import _additive_mask, _safe_softmax, differential_attention, differential_attention_v2
+from .functional import _additive_mask, _softmax_maps, differential_attention, differential_attention_v2
 
 __all__ = [
     "LAMBDA_MODES",
@@ -64,9 +64,7 @@ def _softmax_map(q: Tensor, k: Tensor, scale: float, attn_mask: Optional[Tensor]
     methods; the masking is the kernel's, so a fully masked row is zeros as in SDPA)."""
     dtype = torch.promote_types(q.dtype, torch.float32)
     q, k = q.to(dtype), k.to(dtype)
-    scores = (q @ k.transpose(-2, -1)) * scale
-    bias = _additive_mask(attn_mask, is_causal, q.shape[-2], k.shape[-2], dtype, q.device)
-    return _safe_softmax(scores if bias is None else scores + bias)
+    return _softmax_maps(q, k, scale, _additive_mask(attn_mask, is_causal, q.shape[-2], k.shape[-2], dtype, q.device))
 
 
 class MultiHeadAttention(nn.Module):

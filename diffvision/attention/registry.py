@@ -251,7 +251,7 @@ def create_attention(attn_kind: str, dim: int, **kwargs) -> nn.Module:
     ``backend``). Options a kind does not take are accepted at their defaults only, so a model can pass
     them to every kind and a real setting is never silently dropped."""
     kind = get_attn_kind(attn_kind)
-    for option, default in OPTION_DEFAULTS.items():
+    for option in OPTION_DEFAULTS:
         if option in kind.options or option not in kwargs:
             continue
         value = kwargs.pop(option)

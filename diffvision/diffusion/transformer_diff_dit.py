@@ -36,7 +36,6 @@ from torch import Tensor
 from diffvision.attention import (
     check_attn_backend,
     create_attention,
-    get_attn_kind,
     layer_heads,
     set_attention_backend,
     twin_heads,
@@ -279,7 +278,7 @@ class DiffDiTTransformer2DModel(ModelMixin, ConfigMixin):
         if not 0.0 <= cfg.class_dropout_prob < 1.0:
             raise ValueError(f"class_dropout_prob must be in [0, 1), got {cfg.class_dropout_prob}")
         check_choice("activation_fn", cfg.activation_fn, ACTIVATIONS)
-        check_attn_backend(cfg.attn_backend, get_attn_kind(cfg.attn_kind).name)
+        check_attn_backend(cfg.attn_backend, cfg.attn_kind)  # the kind first, then its backends
 
     def initialize_weights(self) -> None:
         """DiT's init: xavier-uniform linears, N(0, 0.02) embeddings, zero adaLN and output layer.

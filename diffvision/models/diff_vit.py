@@ -50,7 +50,6 @@ from ..attention import (
     ATTN_KINDS,
     check_attn_backend,
     create_attention,
-    get_attn_kind,
     layer_heads,
     set_attention_backend,
     twin_heads,
@@ -67,13 +66,13 @@ __all__ = [
 
 _logger = logging.getLogger(__name__)
 
-# Parameters only differential attention has; a standard checkpoint cannot supply them.
-_DIFF_ONLY_KEY = re.compile(
-    r'^blocks\.\d+\.attn\.(lambda_(q1|k1|q2|k2|scalar)|sub_norm\.weight|lambda_proj\.weight)$')
-# ... and of those, the ones not decayed: λ (re-parameterised or per head) and the per-head norm's gain.
+# Parameters only differential attention has (a standard checkpoint cannot supply them), and of those the
+# ones not decayed: λ (re-parameterised or per head) and the per-head norm's gain.
+_NO_DECAY_PARAMS = r'lambda_(q1|k1|q2|k2|scalar)|sub_norm\.weight'
+_DIFF_ONLY_KEY = re.compile(rf'^blocks\.\d+\.attn\.({_NO_DECAY_PARAMS}|lambda_proj\.weight)$')
 # DIFF V2's W_λ is decayed like the q/k/v projections: it is a projection of the tokens, and decay pulls
 # it towards λ = σ(0) = 0.5 for every token, a mild prior rather than a collapse.
-_NO_DECAY_KEY = re.compile(r'^blocks\.\d+\.attn\.(lambda_(q1|k1|q2|k2|scalar)|sub_norm\.weight)$')
+_NO_DECAY_KEY = re.compile(rf'^blocks\.\d+\.attn\.({_NO_DECAY_PARAMS})$')
 
 
 class DiffBlock(Block):
@@ -173,9 +172,8 @@ class DiffVisionTransformer(VisionTransformer):
                 raise ValueError(
                     f"DiffVisionTransformer builds its own blocks; choose the attention with "
                     f"attn_kind={list(ATTN_KINDS)}, not {arg}={kwargs[arg]!r}")
-        get_attn_kind(attn_kind)
-        check_attn_backend(attn_backend)
-        # validate before building anything
+        # validate before building anything: the kind, its backend and its heads
+        check_attn_backend(attn_backend, attn_kind)
         layer_heads(attn_kind, num_heads, noise_heads=noise_heads, num_kv_heads=num_kv_heads)
         block_fn = partial(
             DiffBlock, attn_kind=attn_kind, noise_heads=noise_heads, num_kv_heads=num_kv_heads,
