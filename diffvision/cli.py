@@ -1,17 +1,20 @@
 """The ``diffvision`` console script: LightningCLI for fit / validate / test / predict.
 
-    diffvision fit --config configs/cifar10_diff_vit.yaml
-    diffvision fit --config configs/cifar10_diff_vit.yaml --data.data_fraction 0.1 --ckpt_path last
-    diffvision test --config configs/cifar10_diff_vit.yaml --ckpt_path last
-    diffvision fit --config configs/cifar10_diff_vit.yaml --print_config
+    diffvision fit --config configs/cifar10_vit.yaml --attn_kind diff
+    diffvision fit --config configs/cifar10_vit.yaml --config configs/kinds/diff.yaml --data.data_fraction 0.1 --ckpt_path last
+    diffvision test --config configs/cifar10_vit.yaml --attn_kind diff --ckpt_path last
+    diffvision fit --config configs/cifar10_vit.yaml --attn_kind diff --print_config
 
 What it adds to a plain ``LightningCLI``:
 
+* ``--attn_kind`` (or an overlay ``configs/kinds/<kind>.yaml``) puts an attention kind on a recipe:
+  a classifier's ``model_name`` becomes that kind's equal-parameter twin, a diffusion model's
+  ``attn_kind`` is set (:func:`apply_attn_kind`);
 * the data module is :class:`~diffvision.data.ImageDataModule` (``data:`` holds its arguments) and
   its ``num_classes``, ``img_size``, ``in_chans`` and ``class_names`` are linked into the model, so
   configs never repeat them;
 * runs are laid out as ``<trainer.default_root_dir>/<experiment>/version_N/`` (default root
-  ``runs``, experiment = the last ``--config`` file's name) with TensorBoard and CSV logs side by
+  ``runs``, experiment = the last ``--config`` file's name, plus ``_<attn_kind>`` when one is set) with TensorBoard and CSV logs side by
   side, ``config.yaml``, ``subset_indices.json`` and ``checkpoints/``: the best ones by the
   ``checkpoint:`` group (a ``ModelCheckpoint``: set ``monitor`` / ``mode``) and ``last.ckpt``,
   rewritten at every epoch (every ``--checkpoint.every_n_epochs``, and at the last) by
@@ -38,18 +41,21 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+import yaml
+from fsspec.utils import get_protocol
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
+from .attention import get_attn_kind
 from .data import ImageDataModule
 from .lightning.callbacks import LastCheckpoint
 from .lightning.loggers import ResumableCSVLogger, wait_past_event_files
-from .models import load_checkpoint_file
+from .checkpoints import load_checkpoint_file
+from .models import twin_model
 
-__all__ = ["DiffvisionCLI", "main", "find_last_checkpoint", "check_writable_dir", "checkpoint_size_estimate"]
+__all__ = ["DiffvisionCLI", "apply_attn_kind", "main", "find_last_checkpoint", "check_writable_dir", "checkpoint_size_estimate"]
 
 DEFAULT_ROOT_DIR = "runs"
 LINKED = ("num_classes", "img_size", "in_chans", "class_names")
@@ -102,6 +108,34 @@ def checkpoint_size_estimate(module: torch.nn.Module) -> int:
     return state + moments
 
 
+def apply_attn_kind(cfg) -> None:
+    """Make the parsed config's model of ``cfg.attn_kind`` (when set): a classifier's ``model_name`` (and
+    head counts) become that kind's twin (``twin_model``), a diffusion model's ``attn_kind`` is set."""
+    kind = cfg.get("attn_kind")
+    model = cfg.get("model")
+    if not kind or model is None:
+        return
+    kind = get_attn_kind(kind).name
+    init = model.get("init_args")
+    if init is not None and "model_name" in init:
+        init["model_name"], init["model_kwargs"] = twin_model(init["model_name"], kind, init.get("model_kwargs"))
+    elif init is not None and "attn_kind" in init:
+        init["attn_kind"] = kind
+    else:
+        raise ValueError(f"--attn_kind {kind}: the model {model.get('class_path')} takes neither model_name "
+                         f"(ImageClassifier) nor attn_kind (DiffusionModule)")
+    cfg["attn_kind"] = kind
+
+
+def _is_kind_overlay(path) -> bool:
+    """A config file that only sets ``attn_kind`` (configs/kinds/*.yaml): it does not name the run."""
+    try:
+        content = yaml.safe_load(Path(str(path)).read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(content, dict) and set(content) == {"attn_kind"}
+
+
 class DiffvisionCLI(LightningCLI):
     """LightningCLI with diffvision's data module, links, run layout and resume."""
 
@@ -131,6 +165,12 @@ class DiffvisionCLI(LightningCLI):
             "--experiment", type=Optional[str], default=None,
             help="Run name: logs and checkpoints go to <trainer.default_root_dir>/<experiment>/version_N "
                  "(default: the name of the last --config file, else the model class).")
+        parser.add_argument(
+            "--attn_kind", type=Optional[str], default=None,
+            help="Attention kind of the model (diffvision.attention.ATTN_KINDS: standard, diff, gda, diffv2), "
+                 "applied over the recipe: a classifier's model_name becomes that kind's equal-parameter twin "
+                 "(vit_tiny_patch4_32 -> diff_vit_tiny_patch4_32), a diffusion model's attn_kind is set. "
+                 "The overlays configs/kinds/<kind>.yaml set it too.")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         for name in LINKED:
             parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
@@ -140,6 +180,7 @@ class DiffvisionCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         if subcommand and self.config[subcommand].get("ckpt_path") == "last":
             self._resolve_last_checkpoint(subcommand)
+        apply_attn_kind(self.config[subcommand] if subcommand else self.config)
         if subcommand:
             cfg = self.config[subcommand]
             if "weights_only" in cfg and cfg.get("weights_only") is None:
@@ -152,9 +193,10 @@ class DiffvisionCLI(LightningCLI):
     def _experiment_name(self, cfg) -> str:
         if cfg.get("experiment"):
             return str(cfg["experiment"])
-        configs = cfg.get("config") or []
+        configs = [c for c in cfg.get("config") or [] if not _is_kind_overlay(c)]
         if configs:
-            return Path(str(configs[-1])).stem
+            name = Path(str(configs[-1])).stem
+            return f"{name}_{cfg['attn_kind']}" if cfg.get("attn_kind") else name
         class_path = (cfg.get("model") or {}).get("class_path") or "model"
         return class_path.rsplit(".", 1)[-1].lower()
 
@@ -203,7 +245,7 @@ class DiffvisionCLI(LightningCLI):
         dirpath = (cfg.get("checkpoint") or {}).get("dirpath")
         if checkpointing and dirpath:
             dirs.append((Path(dirpath), "checkpoint directory (checkpoint.dirpath)"))
-        return [(path, what) for path, what in dirs if _is_local_file_protocol(str(path))]
+        return [(path, what) for path, what in dirs if get_protocol(str(path)) == "file"]
 
     def _check_disk_space(self) -> None:
         trainer_cfg = self._get(self.config_init, "trainer", default={}) or {}

@@ -1,13 +1,10 @@
 """Small datasets on disk for the training tests: a CIFAR-10 npz cut from the real offline copy
-(synthetic JPEGs when it is absent), Debian-style Fashion-MNIST idx files and an ImageFolder tree;
-and ``load_train_script``, the scripts of ``train/`` as modules."""
+(synthetic JPEGs when it is absent), Debian-style Fashion-MNIST idx files and an ImageFolder tree."""
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import io
 import struct
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,15 +16,6 @@ REAL_CIFAR10 = REPO.parent / "shared" / "data" / "cifar10"
 # CLI flags every training test passes: quiet output and float32 on the CPU
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
          "--trainer.precision", "32-true"]
-
-
-def load_train_script(name: str):
-    """``train/<name>.py`` as a module (the folder is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"_train_{name}", REPO / "train" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

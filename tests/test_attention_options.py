@@ -8,7 +8,8 @@ import timm
 import torch
 
 import diffvision  # noqa: F401  (registers the timm models)
-from _training_data import CONFIGS, QUIET, make_cifar_npz
+from _configs import config_args
+from _training_data import QUIET, make_cifar_npz
 from diffvision import DiffDiTTransformer2DModel
 from diffvision.attention import DifferentialAttention, GroupedDifferentialAttention, lambda_init_schedule
 from diffvision.cli import DiffvisionCLI
@@ -138,7 +139,7 @@ def data(tmp_path_factory):
 
 def fit_one_step(config, data, root, *extra):
     return DiffvisionCLI(args=[
-        "fit", "--config", str(CONFIGS / f"{config}.yaml"), "--data.root", str(data.cifar), "--data.cache_dir",
+        "fit", *config_args(config), "--data.root", str(data.cifar), "--data.cache_dir",
         str(data.cache), "--data.num_workers", "0", "--data.batch_size", "10", "--data.eval_batch_size", "10",
         "--trainer.default_root_dir", str(root), "--trainer.fast_dev_run", "true", *QUIET, *extra])
 
@@ -155,7 +156,7 @@ CLASSIFIER_OPTIONS = {  # model_kwargs -> what the built attention layout must s
 @pytest.mark.parametrize("option", list(CLASSIFIER_OPTIONS))
 def test_each_option_trains_a_classifier_through_the_cli(option, data, tmp_path):
     kwargs, expected = CLASSIFIER_OPTIONS[option]
-    cli = fit_one_step("cifar10_gda_vit", data, tmp_path, "--model.init_args.model_kwargs",
+    cli = fit_one_step("cifar10_vit+gda", data, tmp_path, "--model.init_args.model_kwargs",
                        f"{{depth: 1, embed_dim: 48, {kwargs}}}")
     assert cli.trainer.global_step == 1 and torch.isfinite(cli.trainer.callback_metrics["train/loss_step"])
     layout = cli.model.model.attn_layout
@@ -168,9 +169,9 @@ TINY_DIT = "num_layers: 1, num_attention_heads: 6, attention_head_dim: 8, patch_
 @pytest.mark.parametrize("config,extra,expected", [
     ("cifar10_vit", ["--model.init_args.model_name", "diffv2_vit_tiny_patch4_32",
                      "--model.init_args.model_kwargs", "{depth: 1, embed_dim: 48}"], {"attn_kind": "diffv2"}),
-    ("cifar10_diff_dit", ["--model.init_args.attn_kind", "diffv2",
+    ("cifar10_dit", ["--model.init_args.attn_kind", "diffv2",
                           "--model.init_args.transformer_kwargs", f"{{{TINY_DIT}}}"], {"attn_kind": "diffv2"}),
-    ("cifar10_gda_dit", ["--model.init_args.transformer_kwargs",
+    ("cifar10_dit+gda", ["--model.init_args.transformer_kwargs",
                          f"{{{TINY_DIT}, lambda_mode: scalar, head_norm: false, lambda_init: 0.8}}"],
      {"attn_kind": "gda", "lambda_mode": "scalar", "head_norm": False, "lambda_init": 0.8}),
 ])

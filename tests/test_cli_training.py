@@ -19,14 +19,15 @@ import torch.nn.functional as F
 import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
+from _configs import config_args
 from _training_data import CONFIGS, QUIET, REPO, make_cifar_npz, make_fashion_idx
 from diffvision.cli import DiffvisionCLI
 from diffvision.data import stratified_subset
 from diffvision.lightning import ImageClassifier, lr_factor
 
 TINY_VIT = ["--model.init_args.model_kwargs", "{depth: 1, embed_dim: 48}"]
-CLASSIFIER_CONFIGS = ["cifar10_diff_vit", "cifar10_gda_vit", "cifar10_diffv2_vit", "cifar10_vit",
-                      "fashion_mnist_diff_vit", "fashion_mnist_gda_vit", "fashion_mnist_vit"]
+CLASSIFIER_CONFIGS = ["cifar10_vit", "cifar10_vit+diff", "cifar10_vit+gda", "cifar10_vit+diffv2",
+                      "fashion_mnist_vit", "fashion_mnist_vit+diff", "fashion_mnist_vit+gda"]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def data(tmp_path_factory):
 def run_cli(config: str, data, root: Path, *extra: str, subcommand: str = "fit", run: bool = True):
     source = data.fashion if config.startswith("fashion") else data.cifar
     args = ([subcommand] if run else []) + [
-        "--config", str(CONFIGS / f"{config}.yaml"), "--data.root", str(source),
+        *config_args(config), "--data.root", str(source),
         "--data.cache_dir", str(data.cache), "--data.num_workers", "0", "--data.batch_size", "20",
         "--trainer.default_root_dir", str(root), *QUIET, *extra]
     return DiffvisionCLI(args=args, run=run)
@@ -65,12 +66,12 @@ def test_fast_dev_run_of_each_classifier_config(config, data, tmp_path):
     assert model.patch_embed.num_patches == (49 if fashion else 64)  # linked img_size (28 or 32), patch 4
     assert model.num_classes == 10
     attn = type(model.blocks[0].attn).__name__
-    expected = {"diff_vit": "DifferentialAttention", "gda_vit": "GroupedDifferentialAttention",
-                "diffv2_vit": "DifferentialAttentionV2"}
-    assert attn == expected.get(config.split("_", 1 + fashion)[-1], "Attention")
+    expected = {"diff": "DifferentialAttention", "gda": "GroupedDifferentialAttention",
+                "diffv2": "DifferentialAttentionV2", "": "Attention"}
+    assert attn == expected[config.partition("+")[2]]
 
 
-@pytest.mark.parametrize("config", ["cifar10_diff_vit", "cifar10_diff_dit"])
+@pytest.mark.parametrize("config", ["cifar10_vit+diff", "cifar10_dit+diff"])
 def test_bf16_mixed_precision_runs(config, data, tmp_path):
     extra = (["--model.init_args.transformer_kwargs",
               "{num_layers: 1, num_attention_heads: 6, attention_head_dim: 8, patch_size: 4}",
@@ -99,11 +100,13 @@ def test_default_callbacks_and_loggers(data, tmp_path):
 def test_print_config_through_the_console_script():
     script = shutil.which("diffvision", path=str(Path(sys.executable).parent))
     cmd = [script] if script else [sys.executable, "-m", "diffvision.cli"]
-    out = subprocess.run(cmd + ["fit", "--config", str(CONFIGS / "cifar10_diff_vit.yaml"), "--print_config"],
+    out = subprocess.run(cmd + ["fit", "--config", str(CONFIGS / "cifar10_vit.yaml"), "--config",
+                                str(CONFIGS / "kinds" / "diff.yaml"), "--print_config"],
                          capture_output=True, text=True, check=True, cwd=REPO)
     cfg = yaml.safe_load(out.stdout)
     assert cfg["model"]["class_path"] == "diffvision.lightning.ImageClassifier"
-    assert cfg["model"]["init_args"]["model_name"] == "diff_vit_tiny_patch4_32"
+    # the recipe and the kind still to apply (the run's config.yaml records the built twin: test_configs.py)
+    assert cfg["model"]["init_args"]["model_name"] == "vit_tiny_patch4_32" and cfg["attn_kind"] == "diff"
     assert cfg["model"]["init_args"]["optimizer"]["class_path"] == "torch.optim.AdamW"
     assert "num_classes" not in cfg["model"]["init_args"]  # linked from the data module, not configured
     assert cfg["data"]["dataset"] == "cifar10_npz" and cfg["checkpoint"]["monitor"] == "val/acc1"
@@ -130,7 +133,7 @@ def test_plain_timm_models_work_too():
 # ---------------------------------------------------------------------------------------------
 
 def test_fit_run_layout_export_test_and_predict(data, tmp_path):
-    cli = run_cli("cifar10_diff_vit", data, tmp_path, *TINY_VIT, "--trainer.max_epochs", "2",
+    cli = run_cli("cifar10_vit+diff", data, tmp_path, *TINY_VIT, "--trainer.max_epochs", "2",
                   "--data.data_fraction", "0.5", "--data.fraction_seed", "3", "--experiment", "exp",
                   "--trainer.callbacks+=diffvision.lightning.ExportOnFitEnd")
     log_dir = tmp_path / "exp" / "version_0"
@@ -157,10 +160,10 @@ def test_fit_run_layout_export_test_and_predict(data, tmp_path):
     assert tuple(cfg["mean"]) == pytest.approx(cli.datamodule.mean) and tuple(cfg["input_size"]) == (3, 32, 32)
     assert json.loads((log_dir / "export" / "config.json").read_text())["label_names"][0] == "airplane"
     # `test --ckpt_path last` evaluates the last weights on the same held-out split as validation
-    test = run_cli("cifar10_diff_vit", data, tmp_path, *TINY_VIT, "--experiment", "exp", "--ckpt_path", "last",
+    test = run_cli("cifar10_vit+diff", data, tmp_path, *TINY_VIT, "--experiment", "exp", "--ckpt_path", "last",
                    subcommand="test")
     assert test.trainer.callback_metrics["test/acc1"].item() == pytest.approx(float(val[-1]["val/acc1"]), abs=1e-6)
-    pred = run_cli("cifar10_diff_vit", data, tmp_path, *TINY_VIT, "--experiment", "exp", "--ckpt_path", "last",
+    pred = run_cli("cifar10_vit+diff", data, tmp_path, *TINY_VIT, "--experiment", "exp", "--ckpt_path", "last",
                    "--trainer.callbacks+=diffvision.lightning.PredictionWriter", subcommand="predict")
     rows = read_csv_rows(Path(pred.trainer.log_dir) / "predictions.csv")
     assert len(rows) == 40 and {r["label"] for r in rows} == {str(c) for c in range(10)}
@@ -189,12 +192,12 @@ def test_ckpt_path_last_without_a_checkpoint(data, tmp_path):
 def test_resume_with_ckpt_path_last_matches_an_uninterrupted_run(data, tmp_path):
     common = ["--model.init_args.model_kwargs", "{depth: 1, embed_dim: 48, drop_path_rate: 0.2}",
               "--trainer.max_epochs", "3", "--trainer.deterministic", "true", "--data.augment", "basic"]
-    run_cli("cifar10_diff_vit", data, tmp_path, *common, "--experiment", "straight")
-    run_cli("cifar10_diff_vit", data, tmp_path, *common, "--experiment", "stopped",
+    run_cli("cifar10_vit+diff", data, tmp_path, *common, "--experiment", "straight")
+    run_cli("cifar10_vit+diff", data, tmp_path, *common, "--experiment", "stopped",
             "--trainer.callbacks+=diffvision.lightning.StopAfterEpochs", "--trainer.callbacks.epochs", "1")
     first = torch.load(tmp_path / "stopped/version_0/checkpoints/last.ckpt", weights_only=False)
     assert first["global_step"] == 5  # 100 images / 20 per batch, one epoch
-    run_cli("cifar10_diff_vit", data, tmp_path, *common, "--experiment", "stopped", "--ckpt_path", "last")
+    run_cli("cifar10_vit+diff", data, tmp_path, *common, "--experiment", "stopped", "--ckpt_path", "last")
     a = torch.load(tmp_path / "straight/version_0/checkpoints/last.ckpt", weights_only=False)
     b = torch.load(tmp_path / "stopped/version_0/checkpoints/last.ckpt", weights_only=False)
     assert a["global_step"] == b["global_step"] == 15
@@ -208,7 +211,7 @@ def test_resume_with_ckpt_path_last_matches_an_uninterrupted_run(data, tmp_path)
     # resuming on another subset is refused before the run's config.yaml is touched
     config = (tmp_path / "stopped/version_0/config.yaml").read_text()
     with pytest.raises(ValueError, match="different data subset"):
-        run_cli("cifar10_diff_vit", data, tmp_path, *common, "--trainer.max_epochs", "4", "--experiment", "stopped",
+        run_cli("cifar10_vit+diff", data, tmp_path, *common, "--trainer.max_epochs", "4", "--experiment", "stopped",
                 "--data.data_fraction", "0.5", "--ckpt_path", "last")
     assert (tmp_path / "stopped/version_0/config.yaml").read_text() == config
 

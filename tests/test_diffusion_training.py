@@ -1,5 +1,6 @@
 """DiffusionModule: DiT's loss terms against independent formulas, training through the CLI configs,
-EMA, sample grids, FID at validation, failure isolation, resume and the pipeline export."""
+EMA, sample grids, FID at validation (the module's own and a FIDDuringValidation given to the Trainer),
+failure isolation, resume and the pipeline export."""
 from __future__ import annotations
 
 import csv
@@ -14,16 +15,19 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from _training_data import CONFIGS, QUIET, make_cifar_npz, make_fashion_idx
+from _configs import config_args
+from _training_data import QUIET, make_cifar_npz, make_fashion_idx
 from diffvision.cli import DiffvisionCLI
 from diffvision.data import ImageDataModule
-from diffvision.lightning import DiffusionModule, GaussianDiffusionTerms
+from diffvision.diffusion import GaussianDiffusionTerms
+from diffvision.lightning import DiffusionModule, FIDDuringValidation
 
 TINY_DIT = ["--model.init_args.transformer_kwargs",
             "{num_layers: 1, num_attention_heads: 6, attention_head_dim: 8, patch_size: 4}",
             "--model.init_args.sample_steps", "2", "--model.init_args.num_sample_images", "4",
             "--model.init_args.fid_num_samples", "0"]
-DIFFUSION_CONFIGS = ["cifar10_diff_dit", "cifar10_dit", "cifar10_gda_dit", "cifar10_diffv2_dit", "fashion_mnist_diff_dit"]
+DIFFUSION_CONFIGS = ["cifar10_dit+diff", "cifar10_dit", "cifar10_dit+gda", "cifar10_dit+diffv2",
+                     "fashion_mnist_dit+diff"]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +41,7 @@ def data(tmp_path_factory):
 def run_cli(config, data, root, *extra, subcommand="fit"):
     source = data.fashion if config.startswith("fashion") else data.cifar
     return DiffvisionCLI(args=[
-        subcommand, "--config", str(CONFIGS / f"{config}.yaml"), "--data.root", str(source),
+        subcommand, *config_args(config), "--data.root", str(source),
         "--data.cache_dir", str(data.cache), "--data.num_workers", "0", "--data.batch_size", "10",
         "--data.eval_batch_size", "10", "--trainer.default_root_dir", str(root), *QUIET, *TINY_DIT, *extra])
 
@@ -135,6 +139,47 @@ def test_invalid_settings_are_rejected():
         tiny_module(fid_num_samples=-1)
 
 
+def test_moved_names_stay_importable_from_their_old_homes():
+    import diffvision.diffusion as diffusion
+    import diffvision.lightning as lightning
+    import diffvision.lightning.diffusion as lightning_diffusion
+
+    assert lightning.GaussianDiffusionTerms is diffusion.GaussianDiffusionTerms
+    assert lightning_diffusion.build_sampler is diffusion.build_sampler
+    assert lightning_diffusion.SAMPLERS is diffusion.SAMPLERS
+
+
+def test_fid_settings_become_the_callback_the_module_hands_to_the_trainer():
+    module = tiny_module(fid_num_samples=6, fid_every_n_epochs=3, fid_guidance_scale=2.0, fid_batch_size=4)
+    (callback,) = module.configure_callbacks()
+    assert callback is module.fid_callback and isinstance(callback, FIDDuringValidation)
+    assert (callback.num_samples, callback.every_n_epochs, callback.guidance_scale, callback.batch_size,
+            callback.num_classes) == (6, 3, 2.0, 4, 4)
+    assert tiny_module(fid_num_samples=0).configure_callbacks() == []
+    with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
+        FIDDuringValidation(num_samples=10, batch_size=0)
+    with pytest.raises(ValueError, match="num_samples must be a positive int, got True"):
+        FIDDuringValidation(num_samples=True)
+
+
+def test_fid_callback_on_its_own(data, tmp_path):
+    """A FIDDuringValidation given to the Trainer (the module's own FID off): val/fid at the epochs it is due."""
+    module = tiny_module(img_size=32, num_classes=10)
+    dm = ImageDataModule("cifar10_npz", root=str(data.cifar), augment="diffusion", batch_size=10, num_workers=0,
+                         cache_dir=str(data.cache))
+    calls, generate = [], module.generate
+    module.generate = lambda *args, **kwargs: calls.append(args[0]) or generate(*args, **kwargs)
+    fid = FIDDuringValidation(num_samples=4, every_n_epochs=2, batch_size=4)
+    trainer = pl.Trainer(max_epochs=2, limit_train_batches=1, limit_val_batches=1, num_sanity_val_steps=0,
+                         default_root_dir=tmp_path, callbacks=[fid], enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, logger=False)
+    trainer.fit(module, dm)
+    assert fid.error is None and math.isfinite(trainer.callback_metrics["val/fid"].item())
+    assert calls == [[0, 1, 2, 3]]  # the second epoch's validation only; classes balanced
+    results = trainer.validate(module, dm, verbose=False)  # outside fit: every validation computes it
+    assert math.isfinite(results[0]["val/fid"]) and len(calls) == 2
+
+
 # ---------------------------------------------------------------------------------------------
 # Through the CLI
 # ---------------------------------------------------------------------------------------------
@@ -147,13 +192,13 @@ def test_fast_dev_run_of_each_diffusion_config(config, data, tmp_path):
     fashion = config.startswith("fashion")
     assert (cfg.in_channels, cfg.sample_size, cfg.num_classes) == ((1, 28, 10) if fashion else (3, 32, 10))
     assert cli.model.transformer.out_channels == 2 * cfg.in_channels  # learned sigma
-    expected = "standard" if config == "cifar10_dit" else config.split("_")[-2]
+    expected = config.partition("+")[2] or "standard"
     assert cfg.attn_kind == expected
     assert cli.model.ema.n_averaged.item() == 1
 
 
 def test_training_logs_samples_and_fid_then_exports_the_ema_pipeline(data, tmp_path):
-    cli = run_cli("cifar10_diff_dit", data, tmp_path, "--trainer.max_epochs", "1", "--trainer.limit_val_batches",
+    cli = run_cli("cifar10_dit+diff", data, tmp_path, "--trainer.max_epochs", "1", "--trainer.limit_val_batches",
                   "1", "--trainer.check_val_every_n_epoch", "1", "--model.init_args.fid_num_samples", "6",
                   "--model.init_args.fid_batch_size", "4", "--model.init_args.ema_decay", "0.5",
                   "--experiment", "dit")
@@ -187,12 +232,12 @@ def test_training_logs_samples_and_fid_then_exports_the_ema_pipeline(data, tmp_p
                   output_type="pt").images
     torch.testing.assert_close(theirs, mine)
     # `test` evaluates the checkpoint's weights (loss + FID on the test split); `predict` samples per label
-    test = run_cli("cifar10_diff_dit", data, tmp_path, "--experiment", "dit", "--ckpt_path", "last",
+    test = run_cli("cifar10_dit+diff", data, tmp_path, "--experiment", "dit", "--ckpt_path", "last",
                    "--model.init_args.fid_num_samples", "6", "--model.init_args.fid_batch_size", "4",
                    "--trainer.limit_test_batches", "1", subcommand="test")
     metrics = test.trainer.callback_metrics
     assert math.isfinite(metrics["test/fid"].item()) and math.isfinite(metrics["test/loss_ema"].item())
-    pred = run_cli("cifar10_diff_dit", data, tmp_path, "--experiment", "dit", "--ckpt_path", "last",
+    pred = run_cli("cifar10_dit+diff", data, tmp_path, "--experiment", "dit", "--ckpt_path", "last",
                    "--trainer.limit_predict_batches", "1", "--trainer.callbacks+=diffvision.lightning.PredictionWriter",
                    subcommand="predict")
     pred_dir = Path(pred.trainer.log_dir)
@@ -205,24 +250,24 @@ def test_a_failing_sample_or_fid_step_does_not_stop_training(data, tmp_path, mon
         raise RuntimeError("sampler exploded")
 
     monkeypatch.setattr(DiffusionModule, "generate", broken)
-    with caplog.at_level(logging.ERROR, logger="diffvision.lightning.diffusion"):
-        cli = run_cli("cifar10_diff_dit", data, tmp_path, "--trainer.max_epochs", "2", "--trainer.limit_val_batches",
+    with caplog.at_level(logging.ERROR, logger="diffvision.lightning"):  # the module and its FID callback
+        cli = run_cli("cifar10_dit+diff", data, tmp_path, "--trainer.max_epochs", "2", "--trainer.limit_val_batches",
                       "1", "--trainer.check_val_every_n_epoch", "1", "--model.init_args.fid_num_samples", "4")
     assert cli.trainer.state.finished and cli.trainer.current_epoch == 2
     ckpt = torch.load(Path(cli.trainer.log_dir) / "checkpoints/last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 8 and ckpt["epoch"] == 1  # 40 images / 10 per batch, 2 epochs
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "sample grid failed" in messages and "FID failed" in messages and "sampler exploded" in caplog.text
-    assert cli.model._fid_error == "RuntimeError: sampler exploded"
+    assert cli.model.fid_callback.error == "RuntimeError: sampler exploded"
 
 
 def test_diffusion_resume_restores_weights_and_ema_exactly(data, tmp_path):
     common = ["--trainer.max_epochs", "3", "--trainer.limit_val_batches", "1", "--model.init_args.ema_decay", "0.7",
               "--trainer.deterministic", "true"]
-    run_cli("fashion_mnist_diff_dit", data, tmp_path, *common, "--experiment", "straight")
-    run_cli("fashion_mnist_diff_dit", data, tmp_path, *common, "--experiment", "stopped",
+    run_cli("fashion_mnist_dit+diff", data, tmp_path, *common, "--experiment", "straight")
+    run_cli("fashion_mnist_dit+diff", data, tmp_path, *common, "--experiment", "stopped",
             "--trainer.callbacks+=diffvision.lightning.StopAfterEpochs", "--trainer.callbacks.epochs", "1")
-    run_cli("fashion_mnist_diff_dit", data, tmp_path, *common, "--experiment", "stopped", "--ckpt_path", "last")
+    run_cli("fashion_mnist_dit+diff", data, tmp_path, *common, "--experiment", "stopped", "--ckpt_path", "last")
     a = torch.load(tmp_path / "straight/version_0/checkpoints/last.ckpt", weights_only=False)["state_dict"]
     b = torch.load(tmp_path / "stopped/version_0/checkpoints/last.ckpt", weights_only=False)["state_dict"]
     assert any(k.startswith("ema.module.") for k in a) and a["ema.n_averaged"].item() == 12
@@ -260,7 +305,8 @@ def test_ema_is_the_exponential_average_of_the_trajectory(data, tmp_path, warmup
         for params in recorder.history:  # its first step has decay 0: a copy, as ours
             reference.step([params[k].clone().requires_grad_() for k in names])
         ema = dict(zip(names, reference.shadow_params))
-        assert [round(module.ema_decay_at(n), 6) for n in (1, 2, 3, 100)] == [round(2 / 11, 6), 0.25, round(4 / 13, 6), 0.8]
+        assert ([round(module.ema_decay_at(n), 6) for n in (1, 2, 3, 100)]
+                == [round(2 / 11, 6), 0.25, round(4 / 13, 6), 0.8])
     else:
         ema = dict(recorder.history[0])  # the first update copies the weights
         for params in recorder.history[1:]:
@@ -286,7 +332,7 @@ def test_two_process_cpu_ddp_with_samples_and_fid(data, tmp_path):
 
     script = shutil.which("diffvision", path=str(Path(sys.executable).parent))
     cmd = [script] if script else [sys.executable, "-m", "diffvision.cli"]
-    args = ["fit", "--config", str(CONFIGS / "cifar10_diff_dit.yaml"), "--data.root", str(data.cifar),
+    args = ["fit", *config_args("cifar10_dit+diff"), "--data.root", str(data.cifar),
             "--data.cache_dir", str(data.cache), "--data.num_workers", "0", "--data.batch_size", "10",
             "--data.eval_batch_size", "4", "--trainer.default_root_dir", str(tmp_path), *QUIET, *TINY_DIT,
             "--model.init_args.fid_num_samples", "6", "--model.init_args.fid_batch_size", "4",

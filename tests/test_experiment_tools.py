@@ -1,10 +1,13 @@
-"""The experiment tools: attention maps (modules' ``attention_maps``, train/attention_maps.py) and the
-run report (train/report.py), against float64 forwards, closed forms and numpy."""
+"""The experiment tools: attention maps (modules' ``attention_maps``, diffvision.experiments.attention_*,
+train/attention_maps.py) and the run report (diffvision.experiments.report, train/report.py), against
+float64 forwards, closed forms and numpy; and the thin train/ scripts' command lines."""
 from __future__ import annotations
 
 import csv
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,12 +15,10 @@ import timm
 import torch
 from PIL import Image
 
-from _training_data import load_train_script, make_cifar_npz
+from _training_data import REPO, make_cifar_npz
 from diffvision.attention import create_attention
-
-
-attention_maps = load_train_script("attention_maps")
-report = load_train_script("report")
+from diffvision.experiments import attention_maps, attention_report, report, results, tables
+from diffvision.experiments.runs import discover
 
 
 def randomise(module, seed=0):
@@ -184,7 +185,7 @@ def test_attention_maps_script_end_to_end(tmp_path):
     argv = ["vit_tiny_patch4_32", str(tmp_path / "diff.ckpt"), "--standard-weights", str(tmp_path / "standard.pth"),
             "--standard-kwargs", json.dumps(TINY), "--cache-dir", str(tmp_path / "cache"), "--indices", "0", "13",
             "--layer", "all", "--num-summary", "6", "--batch-size", "4", "--device", "cpu", "--out", str(out)]
-    assert attention_maps.main(argv) == 0
+    assert attention_report.main(argv) == 0
     for idx in (0, 13):
         assert_png(out / f"image{idx:05d}_layer1.png")
     rows = list(csv.DictReader(open(out / "summary.csv")))
@@ -222,7 +223,7 @@ def test_attention_maps_script_end_to_end(tmp_path):
     assert lam == pytest.approx([diff.blocks[i].attn.lam().item() for i in (0, 1)], rel=1e-6)
 
     with pytest.raises(SystemExit):  # an index past the split: a clear argparse error
-        attention_maps.main([*argv[:8], "--indices", "20", "--num-summary", "0", "--out", str(out)])
+        attention_report.main([*argv[:8], "--indices", "20", "--num-summary", "0", "--out", str(out)])
 
 
 def test_attention_maps_script_reads_diffv2_models(tmp_path):
@@ -235,7 +236,7 @@ def test_attention_maps_script_reads_diffv2_models(tmp_path):
         files[name] = tmp_path / f"{name}.pth"
         torch.save(model.state_dict(), files[name])
     out = tmp_path / "out"
-    assert attention_maps.main([
+    assert attention_report.main([
         "vit_tiny_patch4_32", "diffv2_vit_tiny_patch4_32", "--standard-weights", str(files["vit_tiny_patch4_32"]),
         "--diff-weights", str(files["diffv2_vit_tiny_patch4_32"]), "--standard-kwargs", json.dumps(TINY),
         "--diff-kwargs", json.dumps(TINY), "--dataset", "cifar10_npz", "--root", str(data), "--cache-dir",
@@ -314,10 +315,10 @@ def test_report_numbers_match_numpy(run_tree, tmp_path):
     root, acc, fid = run_tree
     out = tmp_path / "report"
     assert report.main([str(root), "--out", str(out)]) == 0
-    everything, problems = report.discover([root])
+    everything, problems = discover([root])
     assert len(everything) == len(acc) + len(fid)
     runs = [r for r in everything if r.task == "classification"]
-    cells = report.classification_cells(runs)
+    cells = tables.classification_cells(runs)
     for (f, kind), (mean, std, n) in cells.items():
         values = 100 * np.array([a for (k, ff, s), a in acc.items() if k == kind and ff == f])
         assert n == len(values) and mean == pytest.approx(values.mean(), abs=1e-9)
@@ -327,14 +328,14 @@ def test_report_numbers_match_numpy(run_tree, tmp_path):
     assert f"{values.mean():.2f} ± {values.std(ddof=1):.2f} (2)" in md
     for f in FRACTIONS:  # DIFF − standard, paired by seed
         d = 100 * np.array([acc[("diff", f, s)] - acc[("standard", f, s)] for s in (0, 1, 2)])
-        mean, std, n = report.paired_delta(runs, f, "diff")
+        mean, std, n = tables.paired_delta(runs, f, "diff")
         assert (mean, std, n) == (pytest.approx(d.mean(), abs=1e-9), pytest.approx(d.std(ddof=1), abs=1e-9), 3)
         assert f"{d.mean():+.2f} ± {d.std(ddof=1):.2f} (3)" in md
-    assert report.paired_delta(runs, 0.25, "gda")[2] == 2  # seed 2 has no GDA run
+    assert tables.paired_delta(runs, 0.25, "gda")[2] == 2  # seed 2 has no GDA run
     assert "| 1% |" in md and "49.71" in md and "78.85" in md  # reference table beside ours
     with pytest.raises(ValueError, match="one task"):
-        report.paired_delta(everything, 0.1, "diff")
-    gen = report.generation_cells([r for r in everything if r.task == "generation"])
+        tables.paired_delta(everything, 0.1, "diff")
+    gen = tables.generation_cells([r for r in everything if r.task == "generation"])
     v = np.array([fid[("diff", 0.1, s)] for s in (0, 1)])
     assert gen[(0.1, "diff")] == (pytest.approx(v.mean()), pytest.approx(v.std(ddof=1)), 2)
     assert f"{v.mean():.2f} ± {v.std(ddof=1):.2f} (2)" in (out / "generation.md").read_text()
@@ -354,7 +355,7 @@ def test_report_numbers_match_numpy(run_tree, tmp_path):
     summary = (out / "summary.md").read_text()
     total = 100.0 * len(acc) + 50.0 * len(fid)
     assert f"{total:,.0f} s" in summary and "cls_diff_unfinished" in summary and "missing" in summary
-    assert report.read_metrics(root / "cls_diff_f0.1_s1") == {0: acc[("diff", 0.1, 1)] / 3,
+    assert results.metric_by_epoch(root / "cls_diff_f0.1_s1") == {0: acc[("diff", 0.1, 1)] / 3,
                                                               1: acc[("diff", 0.1, 1)] / 2, 2: acc[("diff", 0.1, 1)]}
 
 
@@ -368,3 +369,17 @@ def test_report_survives_a_tree_without_finished_runs(tmp_path):
     assert not (out / "accuracy_vs_fraction.png").exists()
     with pytest.raises(SystemExit):
         report.main([str(tmp_path / "absent"), "--out", str(out)])
+
+
+# ---------------------------------------------------------------------------------------------
+# the thin scripts of train/ keep their command lines
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("script, usage", [("sweep.py", "usage: sweep.py [-h]"),
+                                           ("report.py", "usage: python train/report.py [-h]"),
+                                           ("attention_maps.py", "usage: python train/attention_maps.py [-h]")])
+def test_train_scripts_answer_help(script, usage):
+    done = subprocess.run([sys.executable, str(REPO / "train" / script), "--help"], capture_output=True, text=True,
+                          cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(usage)

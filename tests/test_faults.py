@@ -20,7 +20,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from _training_data import CONFIGS, QUIET, make_cifar_npz
+from _configs import config_args
+from _training_data import QUIET, make_cifar_npz
 from diffvision.cli import DiffvisionCLI, checkpoint_size_estimate
 
 TINY_VIT = ["--model.init_args.model_name", "vit_tiny_patch4_32",
@@ -54,7 +55,7 @@ def data(tmp_path_factory):
 
 
 def cli_args(config: str, data, root: Path, *extra: str, cache: Path = None) -> list[str]:
-    return ["--config", str(CONFIGS / f"{config}.yaml"), "--data.root", str(data.cifar),
+    return [*config_args(config), "--data.root", str(data.cifar),
             "--data.cache_dir", str(cache or data.cache), "--data.num_workers", "0", "--data.batch_size", "20",
             "--trainer.default_root_dir", str(root), *QUIET, *extra]
 
@@ -277,7 +278,7 @@ def test_failing_samples_and_fid_leave_the_training_state_as_without_them(data, 
     common = [*TINY_DIT, "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "2",
               "--trainer.limit_val_batches", "1", "--trainer.check_val_every_n_epoch", "1",
               "--trainer.num_sanity_val_steps", "0", "--trainer.deterministic", "true", "--data.batch_size", "4"]
-    plain = run_cli("cifar10_diff_dit", data, tmp_path, *common, "--model.init_args.num_sample_images", "0",
+    plain = run_cli("cifar10_dit+diff", data, tmp_path, *common, "--model.init_args.num_sample_images", "0",
                     "--model.init_args.fid_num_samples", "0", "--experiment", "plain")
 
     real_step, calls = DDIMScheduler.step, []
@@ -289,13 +290,13 @@ def test_failing_samples_and_fid_leave_the_training_state_as_without_them(data, 
         return real_step(self, *args, **kwargs)
 
     monkeypatch.setattr(DDIMScheduler, "step", step_fails_midway)
-    with caplog.at_level("ERROR", logger="diffvision.lightning.diffusion"):
-        faulty = run_cli("cifar10_diff_dit", data, tmp_path, *common, "--model.init_args.fid_num_samples", "4",
+    with caplog.at_level("ERROR", logger="diffvision.lightning"):
+        faulty = run_cli("cifar10_dit+diff", data, tmp_path, *common, "--model.init_args.fid_num_samples", "4",
                          "--model.init_args.fid_weights_path", str(tmp_path / "no_inception.pt"),
                          "--experiment", "faulty")
     assert faulty.trainer.state.finished and faulty.trainer.current_epoch == 2
     assert "sample grid failed" in caplog.text and "sampler step exploded" in caplog.text
-    assert "no_inception.pt does not exist" in faulty.model._fid_error  # FID's own failure: disabled, logged
+    assert "no_inception.pt does not exist" in faulty.model.fid_callback.error  # FID's own failure: disabled, logged
     a = torch.load(Path(plain.trainer.log_dir) / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
     b = torch.load(Path(faulty.trainer.log_dir) / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
     assert (b["epoch"], b["global_step"]) == (a["epoch"], a["global_step"]) == (1, 4)

@@ -313,7 +313,7 @@ def test_unknown_model_name_suggests_close_registered_names():
 
 def test_unknown_model_name_through_the_cli(cifar, capsys):
     with pytest.raises((ValueError, SystemExit)) as info:
-        DiffvisionCLI(args=["--config", str(CONFIGS / "cifar10_diff_vit.yaml"), "--data.root", str(cifar),
+        DiffvisionCLI(args=["--config", str(CONFIGS / "cifar10_vit.yaml"), "--data.root", str(cifar),
                             "--model.init_args.model_name", "diff_vit_tiny_patch4_23"], run=False)
     text = str(info.value) + capsys.readouterr().err
     assert "unknown model_name 'diff_vit_tiny_patch4_23': did you mean diff_vit_tiny_patch4_32" in text

@@ -411,7 +411,7 @@ def test_cli_ckpt_path_names_a_truncated_file(vit_files, tmp_path):
 
     path = _cut(vit_files / "classifier.ckpt", tmp_path / "last.ckpt")
     make_cifar_npz(tmp_path / "cifar", per_class_train=2, per_class_test=1)
-    args = ["fit", "--config", str(CONFIGS / "cifar10_diff_vit.yaml"), "--data.root", str(tmp_path / "cifar"),
+    args = ["fit", "--config", str(CONFIGS / "cifar10_vit.yaml"), "--attn_kind", "diff", "--data.root", str(tmp_path / "cifar"),
             "--data.cache_dir", str(tmp_path / "cache"), "--data.num_workers", "0", "--trainer.default_root_dir",
             str(tmp_path / "runs"), "--model.init_args.model_kwargs", "{depth: 1, embed_dim: 48}", "--ckpt_path",
             str(path), *QUIET]

@@ -186,7 +186,7 @@ def test_cli_ckpt_path_refuses_a_pickle_with_code(tmp_path):
     marker = tmp_path / "ran"
     ckpt = write_armed(tmp_path / "evil.ckpt", marker)
     make_cifar_npz(tmp_path / "cifar", per_class_train=2, per_class_test=1)
-    args = ["fit", "--config", str(CONFIGS / "cifar10_diff_vit.yaml"), "--data.root", str(tmp_path / "cifar"),
+    args = ["fit", "--config", str(CONFIGS / "cifar10_vit.yaml"), "--attn_kind", "diff", "--data.root", str(tmp_path / "cifar"),
             "--data.cache_dir", str(tmp_path / "cache"), "--data.num_workers", "0", "--trainer.default_root_dir",
             str(tmp_path / "runs"), "--model.init_args.model_kwargs", "{depth: 1, embed_dim: 48}", "--ckpt_path",
             str(ckpt), *QUIET]

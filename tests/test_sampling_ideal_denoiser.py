@@ -13,8 +13,8 @@ from diffusers import DDPMScheduler
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from diffvision import DiffDiTPipeline, DiffDiTTransformer2DModel
+from diffvision.diffusion import balanced_class_labels, build_sampler
 from diffvision.lightning import DiffusionModule
-from diffvision.lightning.diffusion import build_sampler
 
 SIZE, CHANNELS, PER_CLASS, CLASSES = 8, 3, 3, 2
 
@@ -106,6 +106,14 @@ def test_clip_denoised_keeps_samples_in_the_data_range(sampler, steps):
 def test_build_sampler_rejects_unknown_names():
     with pytest.raises(ValueError, match=r"unknown sampler 'dim'.*did you mean 'ddim'.*accepted"):
         build_sampler("dim", DDPMScheduler().config)
+
+
+def test_balanced_class_labels_stay_balanced_across_pieces():
+    assert balanced_class_labels(3, 0, 7) == [0, 1, 2, 0, 1, 2, 0]
+    pieces = [balanced_class_labels(10, start, min(25, start + 4)) for start in range(0, 25, 4)]  # batches
+    assert sum(pieces, []) == balanced_class_labels(10, 0, 25)
+    with pytest.raises(ValueError, match="num_classes must be a positive int, got 0"):
+        balanced_class_labels(0, 0, 4)
 
 
 def test_clipped_ddim_is_adm_ddim():

@@ -1,4 +1,5 @@
-"""The experiment runners: sweep specs -> CLI runs -> result.json (skip / resume), and FID of a checkpoint."""
+"""The experiment runners: sweep specs -> CLI runs -> result.json (skip / resume), and FID of a checkpoint
+(diffvision.experiments: specs, sweep, fid_eval)."""
 from __future__ import annotations
 
 import json
@@ -9,10 +10,9 @@ import pytest
 import torch
 import yaml
 
-from _training_data import CONFIGS, QUIET, load_train_script, make_cifar_npz
+from _training_data import CONFIGS, QUIET, make_cifar_npz
+from diffvision.experiments import specs, sweep
 from diffvision.lightning import read_epoch_metrics
-
-sweep = load_train_script("sweep")
 
 
 def write_spec(path: Path, **overrides) -> Path:
@@ -26,28 +26,28 @@ def write_spec(path: Path, **overrides) -> Path:
 
 
 def test_spec_jobs_and_commands(tmp_path):
-    spec = sweep.load_spec(write_spec(tmp_path / "s.yaml"))
-    jobs = sweep.build_jobs(spec, tmp_path / "runs", None, None, None, ["--data.root", "D"])
+    spec = specs.load_spec(write_spec(tmp_path / "s.yaml"))
+    jobs = specs.build_jobs(spec, tmp_path / "runs", None, None, None, ["--data.root", "D"])
     assert len(jobs) == 2 * 2 * 2
     # longest first (cost = fraction x epochs): the short runs fill the gaps at the end
     assert [j.cost for j in jobs] == sorted((j.cost for j in jobs), reverse=True)
     assert {j.name for j in jobs} >= {"standard_f010_s0", "diff_f100_s1"}
     job = next(j for j in jobs if j.name == "diff_f010_s1")
     assert job.epochs == 4 and job.val_every == 2  # 2 validations, the last at the final epoch
-    cmd = sweep.fit_command(spec, job)
+    cmd = specs.fit_command(spec, job)
     assert cmd[cmd.index("--data.data_fraction") + 1] == "0.1" and cmd[cmd.index("--seed_everything") + 1] == "1"
     assert cmd[cmd.index("--data.fraction_seed") + 1] == "1"  # the seed picks the subset too: arms are paired
     kwargs = json.loads(cmd[cmd.index("--model.init_args.model_kwargs") + 1])
     assert kwargs == {"depth": 6, "drop_path_rate": 0.1, "num_heads": 1}  # per-arm keywords over the config's
     assert cmd[-4:] == ["--data.root", "D", "--ckpt_path", "last"]
-    only = sweep.build_jobs(spec, tmp_path, ["diff"], [1.0], [0], ["--trainer.max_epochs", "3"])
+    only = specs.build_jobs(spec, tmp_path, ["diff"], [1.0], [0], ["--trainer.max_epochs", "3"])
     assert [(j.name, j.epochs) for j in only] == [("diff_f100_s0", 3)]  # an override after -- wins
 
 
 @pytest.mark.parametrize("epochs, validations, interval", [(20, 10, 2), (500, 10, 50), (7, 10, 1), (50, 10, 5),
                                                            (30, 4, 6), (9, 2, 3)])
 def test_validation_interval_divides_the_epochs(epochs, validations, interval):
-    assert sweep.validation_interval(epochs, validations) == interval and epochs % interval == 0
+    assert specs.validation_interval(epochs, validations) == interval and epochs % interval == 0
 
 
 @pytest.mark.parametrize("change, message", [
@@ -60,24 +60,24 @@ def test_validation_interval_divides_the_epochs(epochs, validations, interval):
 ])
 def test_bad_specs_are_refused(tmp_path, change, message):
     with pytest.raises(ValueError, match=message):
-        spec = sweep.load_spec(write_spec(tmp_path / "s.yaml", **change))
-        sweep.build_jobs(spec, tmp_path, None, None, None, [])
-    assert sweep.fraction_tag(0.01) == "001" and sweep.fraction_tag(0.125) == "012p500"
+        spec = specs.load_spec(write_spec(tmp_path / "s.yaml", **change))
+        specs.build_jobs(spec, tmp_path, None, None, None, [])
+    assert specs.fraction_tag(0.01) == "001" and specs.fraction_tag(0.125) == "012p500"
 
 
 def test_unknown_selection_is_refused(tmp_path):
-    spec = sweep.load_spec(write_spec(tmp_path / "s.yaml"))
+    spec = specs.load_spec(write_spec(tmp_path / "s.yaml"))
     with pytest.raises(SystemExit, match="unknown arm"):
-        sweep.build_jobs(spec, tmp_path, ["gda"], None, None, [])
+        specs.build_jobs(spec, tmp_path, ["gda"], None, None, [])
 
 
 def test_generation_arms_name_an_attn_kind_and_old_specs_still_load(tmp_path):
-    spec = sweep.load_spec(write_spec(
+    spec = specs.load_spec(write_spec(
         tmp_path / "s.yaml", task="generation", config=str(CONFIGS / "cifar10_dit_fractions.yaml"), arms=None,
         kinds={"standard": "standard", "v2_kv1": {"attn_kind": "diffv2", "model_kwargs": {"num_kv_heads": 1}}}))
     assert list(spec["arms"]) == ["standard", "v2_kv1"]  # the spec key's old name, "kinds", is read as "arms"
-    job = next(j for j in sweep.build_jobs(spec, tmp_path, ["v2_kv1"], [1.0], [0], []))
-    cmd = sweep.fit_command(spec, job)
+    job = next(j for j in specs.build_jobs(spec, tmp_path, ["v2_kv1"], [1.0], [0], []))
+    cmd = specs.fit_command(spec, job)
     assert cmd[cmd.index("--model.init_args.attn_kind") + 1] == "diffv2"
     assert json.loads(cmd[cmd.index("--model.init_args.transformer_kwargs") + 1])["num_kv_heads"] == 1
 
@@ -127,7 +127,7 @@ def test_wall_time_counts_every_attempt_of_a_resumed_run(tmp_path, capsys):
 
 
 def test_an_attempt_killed_with_the_sweep_counts_until_its_last_heartbeat(tmp_path):
-    job = sweep.Job("standard", "vit_tiny_patch4_32", {}, 1.0, 0, 1, 1, tmp_path, cost=1.0)
+    job = specs.Job("standard", "vit_tiny_patch4_32", {}, 1.0, 0, 1, 1, tmp_path, cost=1.0)
     job.dir.mkdir(parents=True)
     sweep.record_attempt(job, 100.0, new=True)
     sweep.record_attempt(job, 130.0)  # heartbeat; then the whole sweep is SIGKILLed: no final record
@@ -138,13 +138,13 @@ def test_an_attempt_killed_with_the_sweep_counts_until_its_last_heartbeat(tmp_pa
 
 
 def test_fid_eval_of_a_checkpoint(tmp_path):
-    """train/fid_eval.py: balanced classes from the EMA pipeline, FID against the reference split, a grid."""
+    """fid_eval (train/fid_eval.py): balanced classes from the EMA pipeline, FID against the reference split, a grid."""
     import lightning.pytorch as pl
 
     from diffvision.data import ImageDataModule
+    from diffvision.experiments import fid_eval
     from diffvision.lightning import DiffusionModule
 
-    fid_eval = load_train_script("fid_eval")
     data = make_cifar_npz(tmp_path / "cifar", per_class_train=2, per_class_test=1)
     dm = ImageDataModule("cifar10_npz", root=str(data), augment="diffusion", batch_size=10, num_workers=0,
                          cache_dir=str(tmp_path / "cache"))

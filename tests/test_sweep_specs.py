@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from _training_data import QUIET, REPO, load_train_script, make_cifar_npz, make_imagefolder
+from _training_data import QUIET, REPO, make_cifar_npz, make_imagefolder
 from diffvision.cli import DiffvisionCLI
+from diffvision.experiments import specs
 
 SPECS = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
-sweep = load_train_script("sweep")
 
 
 @pytest.fixture(scope="module")
@@ -25,13 +25,13 @@ def test_every_spec_is_found():
 
 @pytest.mark.parametrize("spec_path", SPECS, ids=[p.stem for p in SPECS])
 def test_spec_arms_build_with_equal_parameters(spec_path, data_roots, tmp_path):
-    spec = sweep.load_spec(spec_path)
-    jobs = sweep.build_jobs(spec, tmp_path, None, [min(spec["epochs"])], [spec["seeds"][0]], [])
+    spec = specs.load_spec(spec_path)
+    jobs = specs.build_jobs(spec, tmp_path, None, [min(spec["epochs"])], [spec["seeds"][0]], [])
     params = {}
     for job in jobs:
-        command = sweep.fit_command(spec, job)
+        command = specs.fit_command(spec, job)
         args = command[command.index("fit") + 1:command.index("--ckpt_path")]
-        dataset = sweep._config(spec)["data"]["dataset"]
+        dataset = specs.read_config(spec)["data"]["dataset"]
         cli = DiffvisionCLI(args=[*args, "--data.root", str(data_roots[dataset]),
                                   "--data.cache_dir", str(tmp_path / "cache"), *QUIET], run=False)
         assert cli.trainer.max_epochs == job.epochs == spec["epochs"][job.fraction]

@@ -5,7 +5,7 @@
 1. Makes sure Debian's ``dataset-fashion-mnist`` is installed (real data, no internet needed beyond
    the package index): installs it with apt-get when ``/usr/share/datasets/fashion-mnist`` is missing.
 2. Trains ``diff_vit_tiny_patch4_32`` and ``vit_tiny_patch4_32`` through the ``diffvision`` CLI with
-   the repository's configs (``configs/fashion_mnist_{diff_vit,vit}.yaml``) on the same stratified
+   the repository's recipe ``configs/fashion_mnist_vit.yaml`` (``--attn_kind diff`` for DIFF-ViT) on the same stratified
    subset, with CPU-sized overrides: width 96 and depth 4 instead of ViT-Ti's 192 x 12, average-pooled
    tokens, 28x28x1 inputs at patch 4 (49 tokens), batch 64, AdamW lr 2e-3 with half an epoch of warmup
    then cosine, no augmentation, fp32. Validation is the full 10,000-image test split, every epoch.
@@ -27,9 +27,10 @@ REPO = Path(__file__).resolve().parents[1]
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 DEBIAN_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
                 "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
-MODELS = (  # (label, config, timm name)
-    ("DIFF-ViT", "fashion_mnist_diff_vit", "diff_vit_tiny_patch4_32"),
-    ("ViT (standard twin)", "fashion_mnist_vit", "vit_tiny_patch4_32"),
+RECIPE = "fashion_mnist_vit"
+MODELS = (  # (label, attention kind, experiment name)
+    ("DIFF-ViT", "diff", "fashion_mnist_diff_vit"),
+    ("ViT (standard twin)", "standard", "fashion_mnist_vit"),
 )
 
 
@@ -54,12 +55,12 @@ def ensure_fashion_mnist() -> None:
     print(f"Fashion-MNIST: installed into {DEBIAN_DIR}")
 
 
-def train(label: str, config: str, args, out: Path) -> dict:
+def train(label: str, attn_kind: str, experiment: str, args, out: Path) -> dict:
     from diffvision.cli import DiffvisionCLI
     from diffvision.lightning import read_epoch_metrics
 
     argv = [
-        "fit", "--config", str(REPO / "configs" / f"{config}.yaml"),
+        "fit", "--config", str(REPO / "configs" / f"{RECIPE}.yaml"), "--attn_kind", attn_kind,
         "--data.data_fraction", str(args.fraction),
         "--data.fraction_seed", "0",
         "--data.num_workers", "0",
@@ -75,7 +76,7 @@ def train(label: str, config: str, args, out: Path) -> dict:
         "--model.init_args.model_kwargs", "{depth: 4, embed_dim: 96, global_pool: avg, drop_path_rate: 0.0}",
         "--model.init_args.optimizer.init_args.lr", "2e-3",
         "--model.init_args.warmup_epochs", "0.5",
-        "--experiment", config,
+        "--experiment", experiment,
     ]
     print(f"\n[{label}] diffvision " + " ".join(argv), flush=True)
     start = time.perf_counter()
@@ -155,7 +156,7 @@ def main() -> None:
     start = time.perf_counter()
     ensure_fashion_mnist()
     args.out.mkdir(parents=True, exist_ok=True)
-    results = [train(label, config, args, args.out) for label, config, _ in MODELS]
+    results = [train(label, kind, experiment, args, args.out) for label, kind, experiment in MODELS]
     md, csv_path, png = write_results(results, args, args.out)
     print(f"table: {md}\ntable (CSV): {csv_path}\nplot: {png}")
     for r in results:

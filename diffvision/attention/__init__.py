@@ -1,8 +1,9 @@
 """diffvision.attention: the one differential attention implementation every model uses.
 
-``functional`` holds the kernels, ``modules`` the layers, ``registry`` the attention kinds (the names
+``functional`` holds the kernels, ``maps`` the one mask -> bias rule and softmax-map helper, ``modules`` the layers, ``registry`` the attention kinds (the names
 ``attn_kind`` takes everywhere, their head rules, backends and options).
 """
+from .maps import attention_bias, softmax_maps
 from .functional import BACKENDS, V2_BACKENDS, available_backends, differential_attention, differential_attention_v2
 from .modules import (
     LAMBDA_MODES,
@@ -36,6 +37,7 @@ __all__ = [
     "GroupedDifferentialAttention",
     "MultiHeadAttention",
     "attention_layers",
+    "attention_bias",
     "available_backends",
     "check_attn_backend",
     "create_attention",
@@ -46,5 +48,6 @@ __all__ = [
     "layer_heads",
     "resolve_lambda_init",
     "set_attention_backend",
+    "softmax_maps",
     "twin_heads",
 ]

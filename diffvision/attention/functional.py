@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..choices import check_choice
+from .maps import attention_bias, no_key_rows, softmax_maps
 
 __all__ = ["differential_attention", "differential_attention_v2", "BACKENDS", "V2_BACKENDS",
            "available_backends"]
@@ -174,44 +175,12 @@ def _lam_view(lam: Tensor, dtype: torch.dtype) -> Tensor:
     return lam.view(1, -1, 1, 1) if lam.dim() == 1 else lam
 
 
-def _additive_mask(attn_mask: Optional[Tensor], is_causal: bool, N: int, M: int,
-                   dtype: torch.dtype, device) -> Optional[Tensor]:
-    """Masks as an additive bias; causal is top-left aligned like SDPA (query i sees keys <= i)."""
-    if is_causal:
-        attn_mask = torch.ones(N, M, dtype=torch.bool, device=device).tril()
-    if attn_mask is None:
-        return None
-    if attn_mask.dtype == torch.bool:
-        return torch.zeros(attn_mask.shape, dtype=dtype, device=device).masked_fill(
-            ~attn_mask, float("-inf"))
-    return attn_mask.to(dtype)
-
-
-def _safe_softmax(scores: Tensor) -> Tensor:
-    """softmax over the last dim; a row masked out entirely gives zeros (as SDPA does), not NaN,
-    and zero gradients: the row is made finite before the softmax so its backward is finite too."""
-    fully_masked = torch.isneginf(scores).all(dim=-1, keepdim=True)
-    probs = torch.softmax(scores.masked_fill(fully_masked, 0.0), dim=-1)
-    return probs.masked_fill(fully_masked, 0.0)
-
-
-def _softmax_maps(q: Tensor, k: Tensor, scale: float, bias: Optional[Tensor]) -> Tensor:
-    """softmax(q kᵀ·scale + bias) as explicit maps; a row with no visible key is zeros (``_safe_softmax``)."""
-    scores = (q @ k.transpose(-2, -1)) * scale
-    return _safe_softmax(scores if bias is None else scores + bias)
-
-
-def _no_key_rows(attn_mask: Tensor) -> Tensor:
-    """True where a query row sees no key at all (its output is defined as zeros, as in SDPA)."""
-    return ~attn_mask.any(dim=-1) if attn_mask.dtype == torch.bool else torch.isneginf(attn_mask).all(dim=-1)
-
-
 def _math(q1, k1, q2, k2, v, lam, attn_mask, is_causal, dropout_p, scale) -> Tensor:
     group = q1.shape[1] // q2.shape[1]
     q2 = q2.repeat_interleave(group, dim=1)
     k2 = k2.repeat_interleave(group, dim=1)
-    bias = _additive_mask(attn_mask, is_causal, q1.shape[2], k1.shape[2], q1.dtype, q1.device)
-    a1, a2 = _softmax_maps(q1, k1, scale, bias), _softmax_maps(q2, k2, scale, bias)
+    bias = attention_bias(attn_mask, is_causal, q1.shape[2], k1.shape[2], q1.dtype, q1.device)
+    a1, a2 = softmax_maps(q1, k1, scale, bias), softmax_maps(q2, k2, scale, bias)
     if dropout_p > 0.0:
         # Each map is dropped independently, exactly as two SDPA calls with dropout do.
         a1, a2 = F.dropout(a1, dropout_p), F.dropout(a2, dropout_p)
@@ -272,7 +241,7 @@ def _sdpa(q1, k1, q2, k2, v, lam, attn_mask, is_causal, dropout_p, scale) -> Ten
     if attn_mask is not None:
         # SDPA's CPU path gives zeros for a query row with no visible key, but some CUDA kernels do
         # not (a finite average of the masked keys was seen on an H100): make it zeros everywhere.
-        no_key = _no_key_rows(attn_mask)
+        no_key = no_key_rows(attn_mask)
         out = out.masked_fill(no_key.unsqueeze(-1), 0.0)  # no .any() check: it would sync the GPU
     return out
 
@@ -310,7 +279,7 @@ def _auto_backend(q1, k1, q2, k2, v, attn_mask, dropout_p) -> str:
 def _v2_math(q, k, v, lam, attn_mask, is_causal, dropout_p, scale) -> Tensor:
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    maps = _softmax_maps(q, k, scale, _additive_mask(attn_mask, is_causal, q.shape[2], k.shape[2], q.dtype, q.device))
+    maps = softmax_maps(q, k, scale, attention_bias(attn_mask, is_causal, q.shape[2], k.shape[2], q.dtype, q.device))
     if dropout_p > 0.0:
         maps = F.dropout(maps, dropout_p)  # each query head's map on its own, as one SDPA call drops them
     # heads 2i and 2i+1 read the same value head (they share a GQA group)
@@ -324,7 +293,7 @@ def _v2_sdpa(q, k, v, lam, attn_mask, is_causal, dropout_p, scale) -> Tensor:
                      enable_gqa=True)
     if attn_mask is not None:
         # zeros for a query head's row with no visible key (some CUDA kernels give an average instead)
-        out = out.masked_fill(_no_key_rows(attn_mask).unsqueeze(-1), 0.0)  # no .any(): it would sync the GPU
+        out = out.masked_fill(no_key_rows(attn_mask).unsqueeze(-1), 0.0)  # no .any(): it would sync the GPU
     return out[:, 0::2] - lam.unsqueeze(-1).to(out.dtype) * out[:, 1::2]
 
 

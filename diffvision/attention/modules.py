@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..choices import check_choice
-from .functional import _additive_mask, _softmax_maps, differential_attention, differential_attention_v2
+from .functional import differential_attention, differential_attention_v2
+from .maps import attention_bias, softmax_maps
 
 __all__ = [
     "LAMBDA_MODES",
@@ -64,7 +65,7 @@ def _softmax_map(q: Tensor, k: Tensor, scale: float, attn_mask: Optional[Tensor]
     methods; the masking is the kernel's, so a fully masked row is zeros as in SDPA)."""
     dtype = torch.promote_types(q.dtype, torch.float32)
     q, k = q.to(dtype), k.to(dtype)
-    return _softmax_maps(q, k, scale, _additive_mask(attn_mask, is_causal, q.shape[-2], k.shape[-2], dtype, q.device))
+    return softmax_maps(q, k, scale, attention_bias(attn_mask, is_causal, q.shape[-2], k.shape[-2], dtype, q.device))
 
 
 class MultiHeadAttention(nn.Module):

@@ -48,6 +48,8 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
+from .maps import attention_bias
+
 __all__ = ["unsupported_reason", "triton_differential_attention", "MAX_HEAD_DIM", "MAX_VALUE_DIM"]
 
 MAX_HEAD_DIM = 128    # q/k head dim d
@@ -787,17 +789,15 @@ torch.library.register_autograd("diffvision::differential_attention_fwd", _op_ba
 def _mask_to_bias(attn_mask: Optional[Tensor], B, Hs, N, M, dtype) -> Optional[Tensor]:
     """attn_mask (bool: True = attend, or additive) as an additive bias viewed as (B, Hs, N, M).
 
-    Broadcast dims stay broadcast (stride 0): a (N, M) mask is not copied B·Hs times.
+    A bool mask becomes a bias in ``dtype``; a float32/bf16/fp16 mask is read as it is and added in
+    float32 (float64 is cast to float32). Broadcast dims stay broadcast (stride 0): a (N, M) mask is
+    not copied B·Hs times.
     """
     if attn_mask is None:
         return None
-    if attn_mask.dtype == torch.bool:
-        bias = torch.zeros(attn_mask.shape, device=attn_mask.device, dtype=dtype)
-        bias = bias.masked_fill(~attn_mask, float("-inf"))
-    elif attn_mask.dtype == torch.float64:
-        bias = attn_mask.float()
-    else:  # float32/bf16/fp16 masks are read as they are and added in float32
-        bias = attn_mask
+    if attn_mask.is_floating_point():
+        dtype = torch.float32 if attn_mask.dtype == torch.float64 else attn_mask.dtype
+    bias = attention_bias(attn_mask, False, N, M, dtype, attn_mask.device)
     while bias.dim() < 4:
         bias = bias.unsqueeze(0)
     return bias.expand(B, Hs, N, M)

@@ -8,8 +8,9 @@ from the config's ``attn_kind`` (``"standard"``, ``"diff"``, ``"gda"`` or ``"dif
 no attention math of its own.
 
 With ``attn_kind="standard"`` the model is diffusers' ``DiTTransformer2DModel`` with the
-conditioning embedding stored once instead of once per block; :func:`convert_dit_to_diff_dit` and
-:func:`convert_diff_dit_to_dit` copy weights across and give the same outputs.
+conditioning embedding stored once instead of once per block; :mod:`diffvision.diffusion.convert_dit`
+copies weights across both ways, with the same outputs. DiT's sizes by name (``DIT_PRESETS``) and the
+config checks live in :mod:`diffvision.diffusion.config`.
 
 Heads: ``H = num_attention_heads`` is the head count of the standard model and ``D = H *
 attention_head_dim`` the hidden size; every other kind takes its heads from the registry's parameter-twin
@@ -33,46 +34,13 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor
 
-from diffvision.attention import (
-    check_attn_backend,
-    create_attention,
-    layer_heads,
-    set_attention_backend,
-    twin_heads,
-)
+from diffvision.attention import create_attention, layer_heads, set_attention_backend, twin_heads
 from diffvision.attention.registry import LEGACY_KEYWORDS, rename_legacy_keywords
+from diffvision.checkpoints import checkpoint_errors
 from diffvision.choices import check_choice
-from diffvision.models._helpers import checkpoint_errors
+from diffvision.diffusion.config import DIT_PRESETS, validate_config
 
-__all__ = [
-    "DIT_PRESETS",
-    "DiffDiTBlock",
-    "DiffDiTTransformer2DModel",
-    "convert_dit_to_diff_dit",
-    "convert_diff_dit_to_dit",
-    "dit_state_dict_to_diff_dit",
-    "diff_dit_state_dict_to_dit",
-]
-
-ACTIVATIONS = ("gelu-approximate", "gelu")
-
-# DiT model sizes (Peebles & Xie, 2023, Table 1) × patch sizes 2 / 4 / 8.
-_DIT_SIZES = {
-    "S": dict(num_layers=12, hidden_size=384, num_heads=6),
-    "B": dict(num_layers=12, hidden_size=768, num_heads=12),
-    "L": dict(num_layers=24, hidden_size=1024, num_heads=16),
-    "XL": dict(num_layers=28, hidden_size=1152, num_heads=16),
-}
-DIT_PRESETS: dict[str, dict[str, int]] = {
-    f"DiT-{size}/{patch}": dict(
-        num_layers=cfg["num_layers"],
-        num_attention_heads=cfg["num_heads"],
-        attention_head_dim=cfg["hidden_size"] // cfg["num_heads"],
-        patch_size=patch,
-    )
-    for size, cfg in _DIT_SIZES.items()
-    for patch in (2, 4, 8)
-}
+__all__ = ["DIT_PRESETS", "DiffDiTBlock", "DiffDiTTransformer2DModel"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,7 +175,7 @@ class DiffDiTTransformer2DModel(ModelMixin, ConfigMixin):
         super().__init__()
         attn_kind, attn_backend = self._legacy_keywords(attn_kind, attn_backend, attention_type, diff_attention_backend)
         dim = num_attention_heads * attention_head_dim
-        self._validate_config(dim)
+        validate_config(self.config, dim)
         head_kwargs = layer_heads(attn_kind, **twin_heads(
             attn_kind, dim, num_attention_heads, signal_heads=signal_heads, noise_heads=noise_heads,
             num_kv_heads=num_kv_heads))
@@ -260,26 +228,6 @@ class DiffDiTTransformer2DModel(ModelMixin, ConfigMixin):
 
     # ---- construction helpers -------------------------------------------------------------
 
-    def _validate_config(self, dim: int) -> None:
-        cfg = self.config
-        positive = {k: cfg[k] for k in ("num_attention_heads", "attention_head_dim", "in_channels",
-                                        "num_layers", "sample_size", "patch_size", "num_classes")}
-        for name, value in positive.items():
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if cfg.out_channels is not None and (not isinstance(cfg.out_channels, int) or cfg.out_channels <= 0):
-            raise ValueError(f"out_channels must be None or a positive int, got {cfg.out_channels!r}")
-        if cfg.sample_size % cfg.patch_size != 0:
-            raise ValueError(f"sample_size={cfg.sample_size} must be divisible by patch_size={cfg.patch_size}")
-        if dim % 4 != 0:
-            raise ValueError(
-                f"hidden size num_attention_heads*attention_head_dim = {dim} must be divisible by 4 "
-                f"(the 2-D sin-cos position table splits it in four)")
-        if not 0.0 <= cfg.class_dropout_prob < 1.0:
-            raise ValueError(f"class_dropout_prob must be in [0, 1), got {cfg.class_dropout_prob}")
-        check_choice("activation_fn", cfg.activation_fn, ACTIVATIONS)
-        check_attn_backend(cfg.attn_backend, cfg.attn_kind)  # the kind first, then its backends
-
     def initialize_weights(self) -> None:
         """DiT's init: xavier-uniform linears, N(0, 0.02) embeddings, zero adaLN and output layer.
 
@@ -323,7 +271,8 @@ class DiffDiTTransformer2DModel(ModelMixin, ConfigMixin):
         architecture (e.g. ``attn_kind="standard"`` weights under a ``"diff"`` config, whose q/k/v
         shapes agree) would then load into a silently wrong model: this raises ``ValueError`` naming the
         keys instead. (Keys of another shape already raise in diffusers, unless
-        ``ignore_mismatched_sizes=True`` asks for them to be re-initialised.) A truncated, corrupt or code-carrying weights file raises an error naming the file.
+        ``ignore_mismatched_sizes=True`` asks for them to be re-initialised.) A truncated, corrupt or
+        code-carrying weights file raises an error naming the file.
         """
         want_info = kwargs.pop("output_loading_info", False)
         with checkpoint_errors(*_local_weight_files(pretrained_model_name_or_path, kwargs.get("subfolder"))):
@@ -343,11 +292,16 @@ class DiffDiTTransformer2DModel(ModelMixin, ConfigMixin):
     @classmethod
     def from_dit(cls, dit: nn.Module, **overrides) -> "DiffDiTTransformer2DModel":
         """An ``attn_kind="standard"`` copy of a diffusers ``DiTTransformer2DModel``; see
-        :func:`convert_dit_to_diff_dit`."""
+        :func:`~diffvision.diffusion.convert_dit.convert_dit_to_diff_dit`."""
+        from diffvision.diffusion.convert_dit import convert_dit_to_diff_dit  # it imports this module
+
         return convert_dit_to_diff_dit(dit, **overrides)
 
     def to_dit(self):
-        """A diffusers ``DiTTransformer2DModel`` with this model's weights; see :func:`convert_diff_dit_to_dit`."""
+        """A diffusers ``DiTTransformer2DModel`` with this model's weights; see
+        :func:`~diffvision.diffusion.convert_dit.convert_diff_dit_to_dit`."""
+        from diffvision.diffusion.convert_dit import convert_diff_dit_to_dit
+
         return convert_diff_dit_to_dit(self)
 
     # ---- introspection / runtime settings ---------------------------------------------------
@@ -497,147 +451,3 @@ def _local_weight_files(path, subfolder: Optional[str] = None) -> list[str]:
     if not os.path.isdir(folder):
         return []
     return sorted(glob.glob(os.path.join(folder, "*.safetensors")) + glob.glob(os.path.join(folder, "*.bin")))
-
-
-# --------------------------------------------------------------------------------------------
-# Conversion to / from diffusers' DiTTransformer2DModel
-# --------------------------------------------------------------------------------------------
-# diffusers' DiT keeps one CombinedTimestepLabelEmbeddings per block (norm1.emb) and uses block 0's
-# for the final layer; DiT (and this model) share one. Checkpoints converted from the official DiT
-# hold identical copies, so the conversion takes block 0's copy and refuses blocks that differ.
-# diffusers also splits qkv into to_q / to_k / to_v; this model keeps the fused qkv of timm / DiT.
-
-_EMB_PREFIX = "transformer_blocks.{i}.norm1.emb."
-_SHARED_EMB = ("timestep_embedder.linear_1.weight", "timestep_embedder.linear_1.bias",
-               "timestep_embedder.linear_2.weight", "timestep_embedder.linear_2.bias",
-               "class_embedder.embedding_table.weight")
-_BLOCK_RENAMES = {  # diffusers name -> ours, within transformer_blocks.{i}.
-    "norm1.linear.weight": "adaLN_modulation.1.weight",
-    "norm1.linear.bias": "adaLN_modulation.1.bias",
-    "attn1.to_out.0.weight": "attn.proj.weight",
-    "attn1.to_out.0.bias": "attn.proj.bias",
-    "ff.net.0.proj.weight": "ff.net.0.proj.weight",
-    "ff.net.0.proj.bias": "ff.net.0.proj.bias",
-    "ff.net.2.weight": "ff.net.2.weight",
-    "ff.net.2.bias": "ff.net.2.bias",
-}
-_TOP_LEVEL = ("pos_embed.proj.weight", "pos_embed.proj.bias", "proj_out_1.weight", "proj_out_1.bias",
-              "proj_out_2.weight", "proj_out_2.bias")
-
-
-def dit_state_dict_to_diff_dit(state_dict: dict[str, Tensor], num_layers: int,
-                               attention_bias: bool = True) -> dict[str, Tensor]:
-    """Rename a diffusers ``DiTTransformer2DModel`` state dict to this model's (standard attention).
-
-    Raises ``ValueError`` if the per-block conditioning embeddings differ (see module comment).
-    """
-    sd = dict(state_dict)
-    out: dict[str, Tensor] = {k: sd.pop(k) for k in _TOP_LEVEL}
-    for name in _SHARED_EMB:
-        first = sd.pop(_EMB_PREFIX.format(i=0) + name)
-        for i in range(1, num_layers):
-            other = sd.pop(_EMB_PREFIX.format(i=i) + name)
-            if not torch.equal(first, other):
-                raise ValueError(
-                    f"transformer_blocks.{i}.norm1.emb.{name} differs from block 0's: this DiT has per-block "
-                    f"conditioning embeddings, which DiT (and DiffDiTTransformer2DModel) share; only block 0's "
-                    f"copy drives diffusers' final layer, so no exact conversion exists")
-        out[name] = first
-    for i in range(num_layers):
-        pre = f"transformer_blocks.{i}."
-        for src, dst in _BLOCK_RENAMES.items():
-            out[pre + dst] = sd.pop(pre + src)
-        out[pre + "attn.qkv.weight"] = torch.cat(
-            [sd.pop(pre + f"attn1.to_{n}.weight") for n in "qkv"], dim=0)
-        if attention_bias:
-            out[pre + "attn.qkv.bias"] = torch.cat([sd.pop(pre + f"attn1.to_{n}.bias") for n in "qkv"], dim=0)
-    if sd:
-        raise ValueError(f"unexpected keys in the DiT state dict (not convertible): {sorted(sd)[:8]}")
-    return out
-
-
-def diff_dit_state_dict_to_dit(state_dict: dict[str, Tensor], num_layers: int,
-                               attention_bias: bool = True) -> dict[str, Tensor]:
-    """Inverse of :func:`dit_state_dict_to_diff_dit` (standard attention only): copies the shared
-    conditioning embedding into every diffusers block and splits qkv."""
-    sd = dict(state_dict)
-    out: dict[str, Tensor] = {k: sd.pop(k) for k in _TOP_LEVEL}
-    shared = {name: sd.pop(name) for name in _SHARED_EMB}
-    for i in range(num_layers):
-        pre = f"transformer_blocks.{i}."
-        for name, value in shared.items():
-            out[_EMB_PREFIX.format(i=i) + name] = value.clone()
-        for src, dst in _BLOCK_RENAMES.items():
-            out[pre + src] = sd.pop(pre + dst)
-        for n, w in zip("qkv", sd.pop(pre + "attn.qkv.weight").chunk(3, dim=0)):
-            out[pre + f"attn1.to_{n}.weight"] = w.clone()
-        if attention_bias:
-            for n, b in zip("qkv", sd.pop(pre + "attn.qkv.bias").chunk(3, dim=0)):
-                out[pre + f"attn1.to_{n}.bias"] = b.clone()
-    if sd:
-        raise ValueError(f"keys with no DiTTransformer2DModel counterpart: {sorted(sd)[:8]} "
-                         f"(only attn_kind='standard' without qk_norm converts)")
-    return out
-
-
-def _match_dtype_device(model: nn.Module, like: nn.Module) -> nn.Module:
-    # Only cast when needed: ModelMixin.to(dtype) logs a warning on every dtype cast.
-    model = model.to(like.device)
-    return model if model.dtype == like.dtype else model.to(like.dtype)
-
-
-def convert_dit_to_diff_dit(dit: nn.Module, **overrides) -> DiffDiTTransformer2DModel:
-    """A ``DiffDiTTransformer2DModel(attn_kind="standard")`` that computes what ``dit`` (a diffusers
-    ``DiTTransformer2DModel``) computes in eval mode. ``overrides`` set runtime-only config values
-    (e.g. ``class_dropout_prob`` is fixed at 0.1 in diffusers' DiT)."""
-    cfg = dit.config
-    if cfg.norm_type != "ada_norm_zero" or cfg.norm_elementwise_affine:
-        raise ValueError(f"only DiT blocks with norm_type='ada_norm_zero' and norm_elementwise_affine=False "
-                         f"convert, got norm_type={cfg.norm_type!r}, "
-                         f"norm_elementwise_affine={cfg.norm_elementwise_affine}")
-    if cfg.activation_fn not in ACTIVATIONS:
-        raise ValueError(f"activation_fn={cfg.activation_fn!r} has no counterpart; accepted: {ACTIVATIONS}")
-    config = dict(
-        num_attention_heads=cfg.num_attention_heads, attention_head_dim=cfg.attention_head_dim,
-        in_channels=cfg.in_channels, out_channels=cfg.out_channels, num_layers=cfg.num_layers,
-        dropout=cfg.dropout, attention_bias=cfg.attention_bias, sample_size=cfg.sample_size,
-        patch_size=cfg.patch_size, activation_fn=cfg.activation_fn, num_classes=cfg.num_embeds_ada_norm,
-        class_dropout_prob=dit.transformer_blocks[0].norm1.emb.class_embedder.dropout_prob,
-        norm_eps=cfg.norm_eps, timestep_freq_shift=dit.transformer_blocks[0].norm1.emb.time_proj.downscale_freq_shift,
-        attn_kind="standard")
-    config.update(overrides)
-    model = DiffDiTTransformer2DModel(**config)
-    sd = dit_state_dict_to_diff_dit(dit.state_dict(), cfg.num_layers, cfg.attention_bias)
-    model.load_state_dict(sd, strict=True)
-    return _match_dtype_device(model, dit)
-
-
-def convert_diff_dit_to_dit(model: DiffDiTTransformer2DModel):
-    """A diffusers ``DiTTransformer2DModel`` with ``model``'s weights (``attn_kind="standard"`` only)."""
-    from diffusers import DiTTransformer2DModel
-
-    cfg = model.config
-    problems = []
-    if cfg.attn_kind != "standard":
-        problems.append(f"attn_kind={cfg.attn_kind!r} (diffusers' DiT has standard attention only)")
-    if cfg.qk_norm:
-        problems.append("qk_norm=True")
-    if cfg.mlp_ratio != 4.0:
-        problems.append(f"mlp_ratio={cfg.mlp_ratio} (diffusers' DiT uses 4)")
-    if cfg.timestep_freq_shift != 1:
-        problems.append(f"timestep_freq_shift={cfg.timestep_freq_shift} (diffusers' DiT uses 1)")
-    if cfg.class_dropout_prob <= 0:
-        problems.append("class_dropout_prob=0 (diffusers' DiT always has the null-class row)")
-    if problems:
-        raise ValueError("no DiTTransformer2DModel counterpart for " + ", ".join(problems))
-    dit = DiTTransformer2DModel(
-        num_attention_heads=cfg.num_attention_heads, attention_head_dim=cfg.attention_head_dim,
-        in_channels=cfg.in_channels, out_channels=cfg.out_channels, num_layers=cfg.num_layers,
-        dropout=cfg.dropout, attention_bias=cfg.attention_bias, sample_size=cfg.sample_size,
-        patch_size=cfg.patch_size, activation_fn=cfg.activation_fn, num_embeds_ada_norm=cfg.num_classes,
-        norm_eps=cfg.norm_eps)
-    for block in dit.transformer_blocks:  # diffusers hard-codes 0.1; it only matters in training mode
-        block.norm1.emb.class_embedder.dropout_prob = cfg.class_dropout_prob
-    dit.load_state_dict(diff_dit_state_dict_to_dit(model.state_dict(), cfg.num_layers, cfg.attention_bias),
-                        strict=True)
-    return _match_dtype_device(dit, model)

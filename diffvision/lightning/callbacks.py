@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 import lightning.pytorch as pl
-import torch
-from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from fsspec.utils import get_protocol
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
 
 from ..models import load_checkpoint_file
@@ -86,7 +85,7 @@ class LastCheckpoint(ModelCheckpoint):
                 or (max_steps is not None and max_steps >= 0 and trainer.global_step >= max_steps))
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
-        if not _is_local_file_protocol(filepath):
+        if get_protocol(str(filepath)) != "file":
             return super()._save_checkpoint(trainer, filepath)  # object stores: whole-object uploads
         path = Path(filepath)
         partial = path.with_name(f".{path.name}{self.PARTIAL_SUFFIX}")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from ..models._helpers import checkpoint_errors
+from ..checkpoints import checkpoint_errors
 
 __all__ = ["WeightsOnlyLoading"]
 

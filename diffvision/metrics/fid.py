@@ -121,7 +121,7 @@ def _normalised_copy(src: Path) -> Path:
     Also the safety gate: torch-fidelity reads the file with ``weights_only=False``, so every file handed
     to it is first read here with ``weights_only=True`` (a pickle with code is refused, never run).
     """
-    from diffvision.models._helpers import load_checkpoint_file
+    from diffvision.checkpoints import load_checkpoint_file
 
     state = load_checkpoint_file(src)
     if all(v.dtype != torch.float16 for v in state.values()) and "fc.weight" in state:
@@ -172,3 +172,9 @@ def build_fid(feature_dim: int = 2048, weights_path: Optional[Union[str, Path]] 
     return FrechetInceptionDistance(
         feature=feature_dim, normalize=normalize, reset_real_features=reset_real_features,
         feature_extractor_weights_path=str(fid_weights_path(weights_path)))
+
+
+def fid_input(images01: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] as the FID metric takes them: float, clamped, grey repeated to RGB (Inception's input)."""
+    images01 = images01.float().clamp(0, 1)
+    return images01.expand(-1, 3, -1, -1) if images01.shape[1] == 1 else images01

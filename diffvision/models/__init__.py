@@ -1,11 +1,12 @@
 """diffvision.models: timm models with differential attention (registered on import)."""
-from ._helpers import CorruptCheckpointError, UnsafeCheckpointError, load_checkpoint_file
+from ..checkpoints import CorruptCheckpointError, UnsafeCheckpointError, load_checkpoint_file
 from .diff_vit import (
     DiffBlock,
     DiffVisionTransformer,
     StandardViTMapping,
     checkpoint_filter_fn,
     load_standard_vit_weights,
+    twin_model,
 )
 
 __all__ = [
@@ -17,4 +18,5 @@ __all__ = [
     "checkpoint_filter_fn",
     "load_checkpoint_file",
     "load_standard_vit_weights",
+    "twin_model",
 ]

@@ -34,11 +34,11 @@ import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Set, Type, Union
+from typing import Any, Dict, List, Mapping, Optional, Set, Tuple, Type, Union
 
+import timm
 import torch
 import torch.nn as nn
-
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from timm.layers import LayerNorm, Mlp
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -50,11 +50,12 @@ from ..attention import (
     ATTN_KINDS,
     check_attn_backend,
     create_attention,
+    get_attn_kind,
     layer_heads,
     set_attention_backend,
     twin_heads,
 )
-from ._helpers import checkpoint_errors
+from ..checkpoints import checkpoint_errors
 
 __all__ = [
     'DiffBlock',
@@ -62,6 +63,7 @@ __all__ = [
     'checkpoint_filter_fn',
     'load_standard_vit_weights',
     'StandardViTMapping',
+    'twin_model',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -554,6 +556,48 @@ def _build(model_cls, filter_fn, variant: str, pretrained: bool, **kwargs):
 
 def _create_diff_vit(variant: str, pretrained: bool = False, **kwargs) -> DiffVisionTransformer:
     return _build(DiffVisionTransformer, checkpoint_filter_fn, variant, pretrained, **kwargs)
+
+
+_KIND_PREFIX = re.compile(r'(?:(diff|gda|diffv2)_)?(vit_.+)')
+_HEAD_ARGS = ('num_heads', 'noise_heads', 'num_kv_heads')
+
+
+def twin_model(model_name: str, attn_kind: str, model_kwargs: Optional[Dict[str, Any]] = None
+               ) -> Tuple[str, Dict[str, Any]]:
+    """The timm name and keywords of the ``attn_kind`` twin of ``model_name``: the same ViT with another
+    attention kind at equal parameters (``vit_tiny_patch4_32`` + ``'diff'`` -> ``diff_vit_tiny_patch4_32``).
+
+    Head counts in ``model_kwargs`` are read as the standard model's (``num_heads`` heads of
+    ``embed_dim / num_heads``) and become the kind's by the parameter-twin rule (``twin_heads``); that is
+    only defined from a standard model, so a non-standard ``model_name`` with head counts is an error.
+    A model that already is of ``attn_kind`` comes back unchanged.
+    """
+    kind = get_attn_kind(attn_kind).name
+    kwargs = dict(model_kwargs or {})
+    match = _KIND_PREFIX.fullmatch(model_name)
+    if match is None:
+        raise ValueError(f"model_name {model_name!r} is not a ViT of diffvision or timm (vit_*, diff_vit_*, "
+                         f"gda_vit_*, diffv2_vit_*): no {kind!r} twin")
+    current, base = match.group(1) or 'standard', match.group(2)
+    if current == kind:
+        return model_name, kwargs
+    name = base if kind == 'standard' else f'{kind}_{base}'
+    if not timm.is_model(name):
+        twins = sorted(n for n in timm.list_models(f'{kind}_vit_*' if kind != 'standard' else 'vit_*_patch4_32'))
+        raise ValueError(f"no timm model {name!r} (the {kind!r} twin of {model_name!r}); registered "
+                         f"{kind!r} ViTs: {twins}")
+    heads = {k: kwargs.pop(k) for k in _HEAD_ARGS if k in kwargs}
+    if heads:
+        if current != 'standard':
+            raise ValueError(f"model_kwargs {heads} of {model_name!r} are {current!r} head counts; the "
+                             f"{kind!r} twin is defined from a standard model: start from {base!r} with "
+                             f"its num_heads")
+        size = next((s for s in _SIZES if f'_{s}_' in f'_{base}_'), None)
+        dim = kwargs.get('embed_dim', _SIZES[size][0] if size else None)
+        if dim is None:
+            raise ValueError(f"model_kwargs of {model_name!r} set num_heads but not embed_dim; add embed_dim")
+        kwargs.update(twin_heads(kind, dim, heads['num_heads']))
+    return name, kwargs
 
 
 def _create_variant(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -> DiffVisionTransformer:

@@ -25,6 +25,7 @@ __all__ = [
     'checkpoint_errors',
     'diagnose_checkpoint_file',
     'load_checkpoint_file',
+    'model_state_dict',
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -144,11 +145,6 @@ def _pickle_globals(path: Path) -> List[str]:
     pickletools: nothing is imported or run. Best effort: an explanation, not a safety check."""
     import pickletools
 
-    try:
-        from torch._weights_only_unpickler import _get_allowed_globals
-        allowed = set(_get_allowed_globals())
-    except Exception:  # noqa: BLE001
-        allowed = set()
     found: List[str] = []
     with open(path, 'rb') as f:
         for _ in range(8):  # torch's legacy format is a few pickles in a row, then raw storages
@@ -174,7 +170,19 @@ def _pickle_globals(path: Path) -> List[str]:
                 break
             if ops == 0:
                 break
-    return [g for g in found if g not in allowed]
+    return [g for g in found if not _plain_weights_global(g)]
+
+
+# What a plain tensor pickle names (torch's storages, rebuild functions, dtypes and containers), spelled
+# out here because torch publishes no list of its weights-only allowlist.
+_PLAIN_GLOBALS = re.compile(r'torch\._utils\._rebuild_\w+|torch\.\w*Storage|torch\.(Size|device|dtype|\w*float\w*|'
+                            r'\w*int\d*|bool|complex\w*)|collections\.OrderedDict|builtins\.(set|frozenset|bytearray)')
+
+
+def _plain_weights_global(name: str) -> bool:
+    return _PLAIN_GLOBALS.fullmatch(name) is not None or any(
+        name == f'{g.__module__}.{g.__qualname__}' for g in torch.serialization.get_safe_globals()
+        if hasattr(g, '__qualname__'))
 
 
 def checkpoint_error(path: PathLike, err: BaseException) -> Optional[Exception]:
@@ -241,3 +249,31 @@ def load_checkpoint_file(path: PathLike, map_location: Any = 'cpu', mmap: bool =
                 translated = CorruptCheckpointError(
                     f"cannot load checkpoint {path}: {type(err).__name__}: {err}")
             raise translated from err
+
+
+# Wrappers a saved state dict is found under: Lightning's and most trainers' 'state_dict', timm's and
+# DeiT's 'model', timm's EMA weights 'state_dict_ema'; the first one present is taken.
+_STATE_DICT_WRAPPERS = ('state_dict', 'model', 'state_dict_ema')
+
+
+def model_state_dict(checkpoint: Any, prefix: str = 'model.', source: PathLike = 'checkpoint') -> dict:
+    """A model's weights out of what a checkpoint file holds (``load_checkpoint_file``'s result).
+
+    ``checkpoint`` is a plain state dict, one under a ``{'state_dict' | 'model' | 'state_dict_ema': ...}``
+    wrapper, or a Lightning checkpoint: there the LightningModule keeps the model under ``prefix``
+    (``model.`` for ``ImageClassifier``, ``transformer.`` for ``DiffusionModule``), and when any key has
+    that prefix only those keys are kept, without it (the rest belongs to other modules, e.g. an EMA
+    copy). torch.compile's ``_orig_mod.`` is dropped from the keys. ``source`` names the file in errors.
+    """
+    if isinstance(checkpoint, dict):
+        for key in _STATE_DICT_WRAPPERS:
+            if isinstance(checkpoint.get(key), dict):
+                checkpoint = checkpoint[key]
+                break
+    if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise ValueError(f"{source}: no state dict found (expected a dict of tensors, or one under "
+                         f"{' / '.join(repr(k) for k in _STATE_DICT_WRAPPERS)})")
+    state = {k.replace('_orig_mod.', ''): v for k, v in checkpoint.items()}
+    if any(k.startswith(prefix) for k in state):
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return state
