@@ -6,7 +6,8 @@ with it. Its keys:
 
 * every run: ``task`` (one of ``TASKS``), ``kind`` (the sweep arm's name), ``fraction``, ``seed``,
   ``epochs``, ``steps``, ``params`` (the trained network's tensors, EMA copies left out), ``wall_s``
-  (summed over every attempt), ``attempts``, ``device``, ``command``, ``log_dir``;
+  (summed over every attempt), ``attempts``, ``device``, ``command``, ``log_dir``, ``lambda_per_layer``
+  (λ of each differential attention layer at the last epoch, from ``LambdaMonitor``; None without one);
 * classification: ``model_name``, ``model_kwargs``, ``final`` ``{"val/acc1", "val/loss", "val/acc5"}``
   (the last epoch's), ``best`` ``{"val/acc1", "epoch"}``;
 * generation: ``preset``, ``attn_kind``, ``final`` ``{"val/loss", "val/loss_ema"}``, ``fid_vs_step``
@@ -26,12 +27,13 @@ from typing import Any, Optional
 
 __all__ = [
     "RESULT_FILE", "TASKS", "classification_result", "finite_number", "fraction_key", "generation_result",
-    "headline", "headline_text", "latest_version", "metric_by_epoch", "result_problem", "run_record",
+    "headline", "headline_text", "lambda_per_layer", "latest_version", "metric_by_epoch", "result_problem", "run_record",
     "save_result", "version_dirs",
 ]
 
 RESULT_FILE = "result.json"
 TASKS = ("classification", "generation")
+LAMBDA_PREFIX = "lambda/layer_"
 # the metrics of the last epoch that go into "final", per task
 FINAL_METRICS = {"classification": ("val/acc1", "val/loss", "val/acc5"), "generation": ("val/loss", "val/loss_ema")}
 
@@ -65,7 +67,16 @@ def run_record(task: str, metrics: dict[int, dict[str, float]], *, kind: str, fr
     final = metrics.get(epochs - 1, {})
     return {"task": task, "kind": kind, "fraction": fraction, "seed": seed, "epochs": epochs,
             "steps": int(final.get("step", 0)) + 1 if final else None, "params": params, "wall_s": wall_s,
-            "attempts": attempts, "device": device, "command": command, "log_dir": log_dir}
+            "attempts": attempts, "device": device, "command": command, "log_dir": log_dir,
+            "lambda_per_layer": lambda_per_layer(final)}
+
+
+def lambda_per_layer(epoch_metrics: dict[str, float]) -> Optional[list[float]]:
+    """λ of each differential attention layer at that epoch (``LambdaMonitor``'s ``lambda/layer_<i>``), or
+    None when nothing was logged (standard attention, or a run without the callback)."""
+    layers = {int(k.rsplit("_", 1)[1]): v for k, v in epoch_metrics.items()
+              if k.startswith(LAMBDA_PREFIX) and k.rsplit("_", 1)[1].isdigit()}
+    return [layers[i] for i in sorted(layers)] if layers else None
 
 
 def _final(record: dict, metrics: dict[int, dict[str, float]]) -> dict[str, float]:

@@ -7,6 +7,7 @@ from .callbacks import ExportOnFitEnd, LastCheckpoint, PredictionWriter, StopAft
 from .classifier import ImageClassifier, create_classifier
 from .diffusion import DiffusionModule
 from .fid import FIDDuringValidation
+from .lambda_monitor import LambdaMonitor
 from .loggers import ResumableCSVLogger, read_epoch_metrics, wait_past_event_files
 from .optim import lr_factor, param_groups
 
@@ -16,6 +17,7 @@ __all__ = [
     "FIDDuringValidation",
     "GaussianDiffusionTerms",
     "ImageClassifier",
+    "LambdaMonitor",
     "LastCheckpoint",
     "PredictionWriter",
     "ResumableCSVLogger",
