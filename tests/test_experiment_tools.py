@@ -377,7 +377,8 @@ def test_report_survives_a_tree_without_finished_runs(tmp_path):
 
 @pytest.mark.parametrize("script, usage", [("sweep.py", "usage: sweep.py [-h]"),
                                            ("report.py", "usage: python train/report.py [-h]"),
-                                           ("attention_maps.py", "usage: python train/attention_maps.py [-h]")])
+                                           ("attention_maps.py", "usage: python train/attention_maps.py [-h]"),
+                                           ("variant_study.py", "usage: python train/variant_study.py [-h]")])
 def test_train_scripts_answer_help(script, usage):
     done = subprocess.run([sys.executable, str(REPO / "train" / script), "--help"], capture_output=True, text=True,
                           cwd=REPO, timeout=300)
