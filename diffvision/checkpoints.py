@@ -13,6 +13,7 @@ import os
 import pickle
 import re
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, List, Optional, Union
 
@@ -21,6 +22,7 @@ import torch
 __all__ = [
     'CorruptCheckpointError',
     'UnsafeCheckpointError',
+    'WeightMapping',
     'checkpoint_error',
     'checkpoint_errors',
     'diagnose_checkpoint_file',
@@ -277,3 +279,40 @@ def model_state_dict(checkpoint: Any, prefix: str = 'model.', source: PathLike =
     if any(k.startswith(prefix) for k in state):
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     return state
+
+
+# ------------------------------------------------------------------------------------------------
+# What a standard -> differential weight mapping did (the ViT and DiT loaders' report)
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class WeightMapping:
+    """What loading a standard-attention checkpoint into a model did, key by key."""
+    copied: List[str] = field(default_factory=list)      # model keys copied verbatim
+    resampled: List[str] = field(default_factory=list)   # model keys resized (ViT pos/patch embed)
+    converted: List[str] = field(default_factory=list)   # model keys built from the checkpoint by a rule
+    kept_init: List[str] = field(default_factory=list)   # model keys the checkpoint cannot supply
+    dropped: List[str] = field(default_factory=list)     # checkpoint keys not loaded
+    rules: List[str] = field(default_factory=list)       # how the attention heads were mapped
+    notes: List[str] = field(default_factory=list)       # what else differs from the checkpoint's model
+
+    @property
+    def mapped(self) -> List[str]:
+        return self.copied + self.resampled + self.converted
+
+    def __str__(self) -> str:
+        parts = [f"{len(self.copied)} tensors copied"]
+        if self.resampled:
+            parts.append(f"{len(self.resampled)} resampled ({', '.join(self.resampled)})")
+        if self.converted:
+            parts.append(f"{len(self.converted)} converted ({_summarise(self.converted)})")
+        parts += [f"{len(self.kept_init)} kept their init ({_summarise(self.kept_init)})",
+                  f"{len(self.dropped)} checkpoint tensors dropped ({_summarise(self.dropped)})"]
+        return ", ".join(parts) + "".join(f"\n  {line}" for line in self.rules + self.notes)
+
+
+def _summarise(keys: List[str]) -> str:
+    """Collapse block indices (``blocks.<i>.``, ``transformer_blocks.<i>.``) so the 60 λ keys of a 12-block
+    model read as 5 names."""
+    names = sorted({re.sub(r'blocks\.\d+\.', 'blocks.*.', k) for k in keys})
+    return ', '.join(names) or '-'

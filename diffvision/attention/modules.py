@@ -421,6 +421,26 @@ class DifferentialAttentionV2(nn.Module):
         """Re-draw ``W_λ`` as the official code's ``nn.Linear`` after a model-wide init."""
         self.lambda_proj.reset_parameters()
 
+    def qkv_from_standard(self, tensor: Tensor) -> Tensor:
+        """This layer's ``qkv.weight`` (or ``qkv.bias``) built from a standard MHA's with ``h`` heads of
+        ``head_dim`` (GQA-style, Ainslie et al. 2023): query head ``2i`` (the signal of output head ``i``) is
+        standard query head ``i``; query head ``2i+1`` (its noise) keeps this layer's current values;
+        key/value head ``g`` is the mean of the ``h / h_kv`` standard key/value heads of its group, which
+        are exactly the output heads that read it. The standard ``proj`` (``h·d -> dim``) fits as it is."""
+        h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        own = self.qkv.weight if tensor.dim() == 2 else self.qkv.bias
+        if own is None or tensor.shape != (3 * h * d, *own.shape[1:]):
+            want = "nothing (this layer's qkv has no bias)" if own is None else f"shape {(3 * h * d, *own.shape[1:])}"
+            raise ValueError(f"a standard MHA qkv tensor for this layer ({h} heads of {d}) has {want}, got "
+                             f"shape {tuple(tensor.shape)}")
+        own = own.detach()
+        rest = tensor.shape[1:]
+        q, k, v = tensor.split(h * d)
+        new_q = own[:2 * h * d].clone().view(2 * h, d, *rest)
+        new_q[0::2] = q.view(h, d, *rest).to(own)
+        pooled = [t.view(hkv, h // hkv, d, *rest).mean(dim=1).reshape(hkv * d, *rest).to(own) for t in (k, v)]
+        return torch.cat([new_q.reshape(2 * h * d, *rest), *pooled])
+
     def split_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Project tokens to q ``(B, 2h, N, d)``, k and v ``(B, h_kv, N, d)``."""
         B, N, _ = x.shape

@@ -2,7 +2,8 @@
 
 * ``transformer_diff_dit``: the model, ``DiffDiTTransformer2DModel`` (and its ``DiffDiTBlock``).
 * ``config``: DiT's sizes by name (``DIT_PRESETS``) and the model's config checks.
-* ``convert_dit``: weights to / from diffusers' ``DiTTransformer2DModel``.
+* ``convert_dit``: a standard DiT (diffusers' or the original) onto any attention kind
+  (``load_standard_dit_weights``, ``convert_dit_to_diff_dit``), and back to diffusers.
 * ``pipeline_diff_dit``: ``DiffDiTPipeline``, class-conditional sampling with any diffusers scheduler.
 * ``sampling``: the samplers on the training noise schedule (``SAMPLERS``, ``build_sampler``) and the
   class-balanced labels that sample grids and FID use.
@@ -13,10 +14,12 @@ Training itself (the LightningModule, FID during validation) is in :mod:`diffvis
 """
 from .transformer_diff_dit import DIT_PRESETS, DiffDiTBlock, DiffDiTTransformer2DModel
 from .convert_dit import (
+    StandardDiTMapping,
     convert_diff_dit_to_dit,
     convert_dit_to_diff_dit,
     diff_dit_state_dict_to_dit,
     dit_state_dict_to_diff_dit,
+    load_standard_dit_weights,
 )
 from .ema import ModelEMA
 from .gaussian_diffusion import GaussianDiffusionTerms
@@ -31,10 +34,12 @@ __all__ = [
     "DiffDiTTransformer2DModel",
     "GaussianDiffusionTerms",
     "ModelEMA",
+    "StandardDiTMapping",
     "balanced_class_labels",
     "build_sampler",
     "convert_diff_dit_to_dit",
     "convert_dit_to_diff_dit",
     "diff_dit_state_dict_to_dit",
     "dit_state_dict_to_diff_dit",
+    "load_standard_dit_weights",
 ]

@@ -21,6 +21,7 @@ signal:noise with ``signal + noise = H`` (or explicit ``signal_heads`` / ``noise
 from __future__ import annotations
 
 import glob
+import json
 import os
 import warnings
 from typing import Any, Optional, Union
@@ -272,8 +273,10 @@ class DiffDiTTransformer2DModel(ModelMixin, ConfigMixin):
         shapes agree) would then load into a silently wrong model: this raises ``ValueError`` naming the
         keys instead. (Keys of another shape already raise in diffusers, unless
         ``ignore_mismatched_sizes=True`` asks for them to be re-initialised.) A truncated, corrupt or
-        code-carrying weights file raises an error naming the file.
+        code-carrying weights file raises an error naming the file. A local folder that holds something else
+        (a pipeline, diffusers' ``DiTTransformer2DModel``) raises ``ValueError`` saying how to load it.
         """
+        _check_model_folder(pretrained_model_name_or_path, kwargs.get("subfolder"))
         want_info = kwargs.pop("output_loading_info", False)
         with checkpoint_errors(*_local_weight_files(pretrained_model_name_or_path, kwargs.get("subfolder"))):
             model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
@@ -290,12 +293,13 @@ class DiffDiTTransformer2DModel(ModelMixin, ConfigMixin):
         return (model, info) if want_info else model
 
     @classmethod
-    def from_dit(cls, dit: nn.Module, **overrides) -> "DiffDiTTransformer2DModel":
-        """An ``attn_kind="standard"`` copy of a diffusers ``DiTTransformer2DModel``; see
-        :func:`~diffvision.diffusion.convert_dit.convert_dit_to_diff_dit`."""
+    def from_dit(cls, dit: nn.Module, attn_kind: Optional[str] = None, **overrides) -> "DiffDiTTransformer2DModel":
+        """This model with the config and weights of a standard DiT (diffusers' ``DiTTransformer2DModel`` or
+        the original DiT): an exact copy for ``attn_kind="standard"``, the DIFF / GDA / DIFF V2 twin initialised
+        from it otherwise; see :func:`~diffvision.diffusion.convert_dit.convert_dit_to_diff_dit`."""
         from diffvision.diffusion.convert_dit import convert_dit_to_diff_dit  # it imports this module
 
-        return convert_dit_to_diff_dit(dit, **overrides)
+        return convert_dit_to_diff_dit(dit, attn_kind=attn_kind, **overrides)
 
     def to_dit(self):
         """A diffusers ``DiTTransformer2DModel`` with this model's weights; see
@@ -443,6 +447,29 @@ class DiffDiTTransformer2DModel(ModelMixin, ConfigMixin):
         if not return_dict:
             return (output,)
         return Transformer2DModelOutput(sample=output)
+
+
+def _check_model_folder(path, subfolder: Optional[str] = None) -> None:
+    """Say what a local folder holds when it is not a DiffDiTTransformer2DModel (diffusers' own errors list
+    every key of a foreign checkpoint, or only name the missing config.json)."""
+    folder = os.path.join(str(path), subfolder) if subfolder else str(path)
+    if not os.path.isdir(folder):
+        return  # a hub id: diffusers resolves it
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        if os.path.isfile(os.path.join(folder, "model_index.json")):
+            raise ValueError(f"{folder} is a pipeline folder (model_index.json): load its model with "
+                             f"DiffDiTTransformer2DModel.from_pretrained({str(path)!r}, subfolder='transformer') or "
+                             f"the pipeline with DiffDiTPipeline.from_pretrained({str(path)!r})")
+        return
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            name = json.load(f).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return  # unreadable: diffusers' error says so
+    if name == "DiTTransformer2DModel":
+        raise ValueError(f"{folder} holds diffusers' DiTTransformer2DModel: convert it with "
+                         f"diffvision.diffusion.convert_dit_to_diff_dit(DiTTransformer2DModel.from_pretrained("
+                         f"{folder!r}), attn_kind=...)")
 
 
 def _local_weight_files(path, subfolder: Optional[str] = None) -> list[str]:

@@ -31,7 +31,6 @@ import logging
 import os
 import re
 import warnings
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Set, Tuple, Type, Union
@@ -55,7 +54,7 @@ from ..attention import (
     set_attention_backend,
     twin_heads,
 )
-from ..checkpoints import checkpoint_errors
+from ..checkpoints import WeightMapping, checkpoint_errors
 
 __all__ = [
     'DiffBlock',
@@ -246,33 +245,8 @@ class DiffVisionTransformer(VisionTransformer):
 # Loading standard ViT checkpoints
 # ------------------------------------------------------------------------------------------------
 
-@dataclass
-class StandardViTMapping:
+class StandardViTMapping(WeightMapping):
     """What ``load_standard_vit_weights`` (or ``checkpoint_filter_fn``) did with a checkpoint."""
-    copied: List[str] = field(default_factory=list)      # model keys copied verbatim
-    resampled: List[str] = field(default_factory=list)   # model keys resized by timm (pos/patch embed)
-    converted: List[str] = field(default_factory=list)   # model keys built from the checkpoint by a rule
-    kept_init: List[str] = field(default_factory=list)   # model keys the checkpoint cannot supply
-    dropped: List[str] = field(default_factory=list)     # checkpoint keys not loaded (e.g. another head)
-    rules: List[str] = field(default_factory=list)       # how the converted keys were built
-
-    @property
-    def mapped(self) -> List[str]:
-        return self.copied + self.resampled + self.converted
-
-    def __str__(self) -> str:
-        text = (f"{len(self.copied)} tensors copied, {len(self.resampled)} resampled "
-                f"({', '.join(self.resampled) or '-'}), ")
-        if self.converted:
-            text += f"{len(self.converted)} converted ({_summarise(self.converted)}: {'; '.join(self.rules)}), "
-        return text + (f"{len(self.kept_init)} kept their init ({_summarise(self.kept_init)}), {len(self.dropped)} "
-                       f"checkpoint tensors dropped ({', '.join(self.dropped) or '-'})")
-
-
-def _summarise(keys: List[str]) -> str:
-    """Collapse ``blocks.<i>.`` so the 60 λ keys of a 12-block model read as 5 names."""
-    names = sorted({re.sub(r'^blocks\.\d+\.', 'blocks.*.', k) for k in keys})
-    return ', '.join(names) or '-'
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -289,13 +263,9 @@ _STANDARD_HEAD_DIM = 64
 
 def _standard_to_diffv2(state: Dict[str, Any], model: VisionTransformer, source_num_heads: Optional[int],
                         report: StandardViTMapping) -> None:
-    """Map standard attention ``qkv`` tensors onto DIFF V2's layout in place (GQA-style, Ainslie et al. 2023):
-
-    query head ``2i`` (the signal of output head ``i``) = standard query head ``i``; query head ``2i+1``
-    (its noise) keeps the model's init; key/value head ``g`` = the mean of the standard key/value heads
-    it replaces (``h / h_kv`` consecutive ones, which include every output head of its group). ``proj``
-    (``h·d -> dim``) and everything else load by name; ``W_λ`` keeps its init.
-    """
+    """Map standard attention ``qkv`` tensors onto DIFF V2's layout in place, GQA-style
+    (``DifferentialAttentionV2.qkv_from_standard``); ``proj`` (``h·d -> dim``) and everything else load by
+    name; ``W_λ`` keeps its init."""
     attn = model.blocks[0].attn
     h, hkv, d, dim = attn.num_heads, attn.num_kv_heads, attn.head_dim, model.embed_dim
     heads = source_num_heads if source_num_heads is not None else dim // _STANDARD_HEAD_DIM
@@ -307,23 +277,14 @@ def _standard_to_diffv2(state: Dict[str, Any], model: VisionTransformer, source_
             f"DIFF V2 model's {h} output heads of {d}: the GQA mapping needs one output head per standard head of "
             f"the same width (the diffv2 ViT-S/B layouts; ViT-Ti's 3 heads of 64 become 4 heads of 48, which "
             f"has none)")
-    group = h // hkv
-    model_sd = model.state_dict()
-    for i in range(len(model.blocks)):
+    for i, block in enumerate(model.blocks):
         for kind in ('weight', 'bias'):
             key = f'blocks.{i}.attn.qkv.{kind}'
-            if key not in state:
-                continue
-            src, init = state[key], model_sd[key]
-            q, k, v = src.split(dim, dim=0)
-            rest = src.shape[1:]
-            new_q = init[:2 * h * d].clone().view(2 * h, d, *rest)
-            new_q[0::2] = q.view(h, d, *rest).to(init.dtype)
-            pooled = [t.view(hkv, group, d, *rest).mean(dim=1).reshape(hkv * d, *rest).to(init.dtype) for t in (k, v)]
-            state[key] = torch.cat([new_q.reshape(2 * h * d, *rest), *pooled])
-            report.converted.append(key)
+            if key in state:
+                state[key] = block.attn.qkv_from_standard(state[key])
+                report.converted.append(key)
     report.rules.append(f"query heads 2i <- standard heads i, noise query heads 2i+1 kept their init, "
-                        f"key/value heads <- mean of {group} standard heads each")
+                        f"key/value heads <- mean of {h // hkv} standard heads each")
 
 
 def _map_state_dict(state_dict: Mapping[str, Any], model: VisionTransformer,
@@ -450,10 +411,17 @@ _CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 _CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 
+# timm has no hook that imports a model's package from a saved config.json, so ``save_for_hf`` exports carry
+# this note (in ``pretrained_cfg``) to say what a process must import before it can reload them.
+_LOAD_NOTE = ("registered by the diffvision package: run `import diffvision` before "
+              "timm.create_model('local-dir:<dir>') or 'hf-hub:<repo>', else timm reports 'Unknown model'")
+
+
 def _cfg(description: str, **kwargs) -> Dict[str, Any]:
     """No released weights (``pretrained=True`` raises timm's "No pretrained weights" error).
     Preprocessing of the 224 models matches their timm twins, so mapped timm weights see theirs."""
     return {
+        'notes': (_LOAD_NOTE,),
         'url': '',
         'num_classes': 1000,
         'input_size': (3, 224, 224),
