@@ -15,11 +15,17 @@ Backends compute the same function:
   * ``"sdpa"``: two ``F.scaled_dot_product_attention`` calls, no N×M map kept.
   * ``"triton"``: the fused kernel in :mod:`diffvision.attention.triton_kernel` (CUDA only).
   * ``"auto"``: the fastest backend that supports the call.
+
+While a model is recorded for deployment (:func:`exporting`: ``torch.onnx.export``, ``torch.export``,
+``torch.jit.trace`` / ``script``) ``"auto"`` and ``"triton"`` run ``"sdpa"``: no exporter can record the
+Triton launch. ``torch.jit.script`` cannot compile the keyword-only signatures and the input checks of the
+public functions; the layers call :func:`differential_attention_unchecked` /
+:func:`differential_attention_v2_unchecked` (positional, no checks) when scripted.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +35,7 @@ from ..choices import check_choice
 from .maps import attention_bias, no_key_rows, softmax_maps
 
 __all__ = ["differential_attention", "differential_attention_v2", "BACKENDS", "V2_BACKENDS",
-           "available_backends"]
+           "available_backends", "exporting"]
 
 BACKENDS = ("auto", "math", "sdpa", "triton")
 V2_BACKENDS = ("auto", "math", "sdpa")  # DIFF V2 is one SDPA call: flash / cuDNN kernels, no Triton kernel of ours
@@ -166,8 +172,17 @@ def _validate_v2(q, k, v, lam, attn_mask, is_causal, dropout_p, scale, backend) 
 
 
 # --------------------------------------------------------------------------------------------
-# Backends
+# Backends (TorchScript's subset of Python: scripted layers compile them)
 # --------------------------------------------------------------------------------------------
+
+def exporting() -> bool:
+    """True while the model is recorded for deployment: ``torch.onnx.export`` (either exporter),
+    ``torch.export``, ``torch.jit.trace`` or ``torch.jit.script``. The layers then take ops that every one
+    of them can represent: SDPA, never the Triton kernel; RMSNorm written out; GQA heads expanded."""
+    if torch.jit.is_scripting():
+        return True
+    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.compiler.is_exporting()
+
 
 def _lam_view(lam: Tensor, dtype: torch.dtype) -> Tensor:
     """lam as a (1, Hs, 1, 1) or 0-d tensor in the output dtype."""
@@ -175,7 +190,8 @@ def _lam_view(lam: Tensor, dtype: torch.dtype) -> Tensor:
     return lam.view(1, -1, 1, 1) if lam.dim() == 1 else lam
 
 
-def _math(q1, k1, q2, k2, v, lam, attn_mask, is_causal, dropout_p, scale) -> Tensor:
+def _math(q1: Tensor, k1: Tensor, q2: Tensor, k2: Tensor, v: Tensor, lam: Tensor, attn_mask: Optional[Tensor],
+          is_causal: bool, dropout_p: float, scale: float) -> Tensor:
     group = q1.shape[1] // q2.shape[1]
     q2 = q2.repeat_interleave(group, dim=1)
     k2 = k2.repeat_interleave(group, dim=1)
@@ -206,35 +222,36 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-def _sdpa_call(q, k, v, **kwargs) -> Tensor:
-    out = F.scaled_dot_product_attention(q, k, v, **kwargs)
-    return _ContiguousGrad.apply(out) if out.requires_grad else out
+def _sdpa_call(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropout_p: float, is_causal: bool,
+               scale: float, enable_gqa: bool = False) -> Tensor:
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                                         scale=scale, enable_gqa=enable_gqa)
+    if torch.jit.is_scripting():
+        return out  # TorchScript has no autograd.Function
+    # a recorded model keeps plain ops (torch.jit.trace would record, and fail to save, a Python op)
+    return _ContiguousGrad.apply(out) if out.requires_grad and not exporting() else out
 
 
-def _sdpa(q1, k1, q2, k2, v, lam, attn_mask, is_causal, dropout_p, scale) -> Tensor:
+def _sdpa(q1: Tensor, k1: Tensor, q2: Tensor, k2: Tensor, v: Tensor, lam: Tensor, attn_mask: Optional[Tensor],
+          is_causal: bool, dropout_p: float, scale: float) -> Tensor:
     B, Hs, M, dv = v.shape
     if attn_mask is not None and attn_mask.dtype != torch.bool:
         attn_mask = attn_mask.to(q1.dtype)  # SDPA wants an additive mask in the query dtype
     Hn = q2.shape[1]
     group = Hs // Hn
-    o1 = _sdpa_call(
-        q1, k1, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+    o1 = _sdpa_call(q1, k1, v, attn_mask, dropout_p, is_causal, scale)
     mask_per_head = attn_mask is not None and attn_mask.dim() >= 3 and attn_mask.shape[-3] != 1
     if group == 1:
-        o2 = _sdpa_call(
-            q2, k2, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+        o2 = _sdpa_call(q2, k2, v, attn_mask, dropout_p, is_causal, scale)
     elif mask_per_head:
         # A per-signal-head mask makes each head's noise map different: expand the noise heads.
-        o2 = _sdpa_call(
-            q2.repeat_interleave(group, dim=1), k2.repeat_interleave(group, dim=1), v,
-            attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+        o2 = _sdpa_call(q2.repeat_interleave(group, dim=1), k2.repeat_interleave(group, dim=1), v,
+                        attn_mask, dropout_p, is_causal, scale)
     else:
         # One noise map per group multiplies the group's values side by side: stack the group's
         # value heads along the feature dim so each noise map is computed once, not `group` times.
         v_grouped = v.reshape(B, Hn, group, M, dv).transpose(2, 3).reshape(B, Hn, M, group * dv)
-        o2 = _sdpa_call(
-            q2, k2, v_grouped, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-            scale=scale)
+        o2 = _sdpa_call(q2, k2, v_grouped, attn_mask, dropout_p, is_causal, scale)
         N = q2.shape[2]
         o2 = o2.reshape(B, Hn, N, group, dv).transpose(2, 3).reshape(B, Hs, N, dv)
     out = o1 - _lam_view(lam, o1.dtype) * o2
@@ -258,11 +275,21 @@ def _triton(q1, k1, q2, k2, v, lam, attn_mask, is_causal, dropout_p, scale) -> T
         q1, k1, q2, k2, v, lam, is_causal, scale, attn_mask=attn_mask)
 
 
-_IMPLS: dict[str, Callable[..., Tensor]] = {"math": _math, "sdpa": _sdpa, "triton": _triton}
+def differential_attention_unchecked(
+        q1: Tensor, k1: Tensor, q2: Tensor, k2: Tensor, v: Tensor, lam: Tensor, attn_mask: Optional[Tensor],
+        is_causal: bool, dropout_p: float, scale: Optional[float], backend: str) -> Tensor:
+    """:func:`differential_attention` with every argument positional and no input checks: what scripted
+    layers call (TorchScript compiles neither keyword-only arguments nor the checks). ``"math"`` maps the
+    attention out, any other backend is ``"sdpa"`` (TorchScript cannot launch the Triton kernel)."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(q1.shape[-1])
+    if backend == "math":
+        return _math(q1, k1, q2, k2, v, lam, attn_mask, is_causal, dropout_p, scale)
+    return _sdpa(q1, k1, q2, k2, v, lam, attn_mask, is_causal, dropout_p, scale)
 
 
 def _auto_backend(q1, k1, q2, k2, v, attn_mask, dropout_p) -> str:
-    if q1.is_cuda:
+    if q1.is_cuda and not exporting():
         try:
             from . import triton_kernel
         except ImportError:  # triton not installed
@@ -276,7 +303,8 @@ def _auto_backend(q1, k1, q2, k2, v, attn_mask, dropout_p) -> str:
 # DIFF V2
 # --------------------------------------------------------------------------------------------
 
-def _v2_math(q, k, v, lam, attn_mask, is_causal, dropout_p, scale) -> Tensor:
+def _v2_math(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
+             dropout_p: float, scale: float) -> Tensor:
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     maps = softmax_maps(q, k, scale, attention_bias(attn_mask, is_causal, q.shape[2], k.shape[2], q.dtype, q.device))
@@ -286,18 +314,33 @@ def _v2_math(q, k, v, lam, attn_mask, is_causal, dropout_p, scale) -> Tensor:
     return (maps[:, 0::2] - lam.unsqueeze(-1).to(maps.dtype) * maps[:, 1::2]) @ v[:, 0::2]
 
 
-def _v2_sdpa(q, k, v, lam, attn_mask, is_causal, dropout_p, scale) -> Tensor:
+def _v2_sdpa(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
+             dropout_p: float, scale: float) -> Tensor:
     if attn_mask is not None and attn_mask.dtype != torch.bool:
         attn_mask = attn_mask.to(q.dtype)  # SDPA wants an additive mask in the query dtype
-    out = _sdpa_call(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                     enable_gqa=True)
+    gqa = not exporting()
+    if not gqa:
+        # the TorchScript-based ONNX exporter has no SDPA with enable_gqa: give each query head its k/v head
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    out = _sdpa_call(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa=gqa)
     if attn_mask is not None:
         # zeros for a query head's row with no visible key (some CUDA kernels give an average instead)
         out = out.masked_fill(no_key_rows(attn_mask).unsqueeze(-1), 0.0)  # no .any(): it would sync the GPU
     return out[:, 0::2] - lam.unsqueeze(-1).to(out.dtype) * out[:, 1::2]
 
 
-_V2_IMPLS: dict[str, Callable[..., Tensor]] = {"math": _v2_math, "sdpa": _v2_sdpa}
+def differential_attention_v2_unchecked(
+        q: Tensor, k: Tensor, v: Tensor, lam: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
+        dropout_p: float, scale: Optional[float], backend: str) -> Tensor:
+    """:func:`differential_attention_v2` with every argument positional and no input checks (what scripted
+    layers call); ``"math"`` maps the attention out, any other backend is ``"sdpa"``."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    lam = lam.expand(q.shape[0], q.shape[1] // 2, q.shape[2])
+    if backend == "math":
+        return _v2_math(q, k, v, lam, attn_mask, is_causal, dropout_p, scale)
+    return _v2_sdpa(q, k, v, lam, attn_mask, is_causal, dropout_p, scale)
 
 
 def differential_attention_v2(
@@ -334,11 +377,8 @@ def differential_attention_v2(
         masked out gives zeros.
     """
     _validate_v2(q, k, v, lam, attn_mask, is_causal, dropout_p, scale, backend)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    lam = lam.expand(q.shape[0], q.shape[1] // 2, q.shape[2])
-    impl = _V2_IMPLS["sdpa" if backend == "auto" else backend]
-    return impl(q, k, v, lam, attn_mask, is_causal, float(dropout_p), float(scale))
+    return differential_attention_v2_unchecked(
+        q, k, v, lam, attn_mask, is_causal, float(dropout_p), None if scale is None else float(scale), backend)
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
@@ -388,4 +428,9 @@ def differential_attention(
         scale = 1.0 / math.sqrt(q1.shape[-1])
     if backend == "auto":
         backend = _auto_backend(q1, k1, q2, k2, v, attn_mask, dropout_p)
-    return _IMPLS[backend](q1, k1, q2, k2, v, lam, attn_mask, is_causal, float(dropout_p), float(scale))
+    elif backend == "triton" and exporting():
+        backend = "sdpa"  # the same function; no exporter can record the Triton launch
+    if backend == "triton":
+        return _triton(q1, k1, q2, k2, v, lam, attn_mask, is_causal, float(dropout_p), float(scale))
+    return differential_attention_unchecked(
+        q1, k1, q2, k2, v, lam, attn_mask, is_causal, float(dropout_p), float(scale), backend)

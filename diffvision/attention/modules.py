@@ -7,6 +7,10 @@ and name their kind in ``attn_kind`` (the registry key, :mod:`diffvision.attenti
 default (parameter-matched) layouts each has exactly a standard MHA's projections, ``qkv: dim -> 3*dim``
 and ``proj: dim -> dim``; DIFF / GDA add λ (vectors, a scalar per head, or nothing) and a per-head
 RMSNorm scale, DIFF V2 a ``dim -> h`` λ projection.
+
+The layers compile with ``torch.jit.script`` (their ``forward`` calls the kernels' positional, unchecked
+form there) and export to ONNX with either exporter (:func:`~diffvision.attention.functional.exporting`
+picks the export-friendly ops).
 """
 from __future__ import annotations
 
@@ -19,7 +23,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..choices import check_choice
-from .functional import differential_attention, differential_attention_v2
+from .functional import (
+    differential_attention,
+    differential_attention_unchecked,
+    differential_attention_v2,
+    differential_attention_v2_unchecked,
+    exporting,
+)
 from .maps import attention_bias, softmax_maps
 
 __all__ = [
@@ -60,6 +70,14 @@ def _check_divisible(dim: int, by: int, what: str) -> None:
         raise ValueError(f"dim={dim} must be divisible by {what}={by}")
 
 
+def _rms_norm_written_out(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """``F.rms_norm`` over the last dim in elementary ops (as PyTorch computes it: in float32 or wider, cast
+    back, then scaled): the TorchScript-based ONNX exporter has no ``aten::rms_norm``."""
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    normed = wide * torch.rsqrt(wide.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return normed.to(x.dtype) * weight
+
+
 def _softmax_map(q: Tensor, k: Tensor, scale: float, attn_mask: Optional[Tensor], is_causal: bool) -> Tensor:
     """softmax(q kᵀ·scale + mask) as an explicit map, in float32 or wider (for the attention_maps
     methods; the masking is the kernel's, so a fully masked row is zeros as in SDPA)."""
@@ -72,6 +90,7 @@ class MultiHeadAttention(nn.Module):
     """Standard softmax multi-head self-attention (SDPA): the twin of the differential modules."""
 
     attn_kind = "standard"
+    __jit_unused_properties__ = ["layout"]  # Python-only: torch.jit.script leaves it out
 
     def __init__(
         self,
@@ -105,7 +124,8 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
         B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        # unbind: TorchScript cannot unpack a tensor
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         if attn_mask is not None and attn_mask.dtype != torch.bool:
             attn_mask = attn_mask.to(q.dtype)
@@ -157,6 +177,7 @@ class GroupedDifferentialAttention(nn.Module):
     """
 
     attn_kind = "gda"
+    __jit_unused_properties__ = ["head_norm_enabled", "layout"]  # Python-only: torch.jit.script leaves them out
 
     def __init__(
         self,
@@ -236,13 +257,15 @@ class GroupedDifferentialAttention(nn.Module):
         """λ in float32 (float64 if the module is): a 0-d tensor (``reparam``, ``fixed``) or one per signal
         head (``scalar``)."""
         dtype = torch.promote_types(self.qkv.weight.dtype, torch.float32)
-        if self.lambda_mode == "fixed":
-            return torch.full((), self.lambda_init, dtype=dtype, device=self.qkv.weight.device)
-        if self.lambda_mode == "scalar":
+        # The mode read from which λ parameters exist: torch.jit.script resolves hasattr while compiling, so
+        # it never compiles a branch that reads a parameter this layer's mode lacks.
+        if hasattr(self, "lambda_scalar"):  # "scalar"
             return self.lambda_scalar.to(dtype)
-        lambda_1 = torch.exp(torch.sum(self.lambda_q1.to(dtype) * self.lambda_k1.to(dtype)))
-        lambda_2 = torch.exp(torch.sum(self.lambda_q2.to(dtype) * self.lambda_k2.to(dtype)))
-        return lambda_1 - lambda_2 + self.lambda_init
+        if hasattr(self, "lambda_q1"):  # "reparam"
+            lambda_1 = torch.exp(torch.sum(self.lambda_q1.to(dtype) * self.lambda_k1.to(dtype)))
+            lambda_2 = torch.exp(torch.sum(self.lambda_q2.to(dtype) * self.lambda_k2.to(dtype)))
+            return lambda_1 - lambda_2 + self.lambda_init
+        return torch.full((), self.lambda_init, dtype=dtype, device=self.qkv.weight.device)  # "fixed"
 
     def split_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Project tokens to (q1, k1, q2, k2, v) in the kernel's ``(B, heads, N, dim)`` layout."""
@@ -263,8 +286,8 @@ class GroupedDifferentialAttention(nn.Module):
         return q1, k1, q2, k2, v
 
     def head_norm(self, out: Tensor) -> Tensor:
-        """Per-head RMSNorm (learnable scale), then × (1 − λinit): one fused ``rms_norm`` call; the
-        identity with ``head_norm=False``.
+        """Per-head RMSNorm (learnable scale), then × (1 − λinit): one fused ``rms_norm`` call (written out
+        in elementary ops while exporting); the identity with ``head_norm=False``.
 
         The scale is folded into the weight and cast to the activations' dtype: with a float32
         weight on bf16 activations (autocast) PyTorch leaves its fused kernel for a slow path.
@@ -272,14 +295,21 @@ class GroupedDifferentialAttention(nn.Module):
         if self.sub_norm is None:
             return out
         weight = (self.sub_norm.weight * (1.0 - self.lambda_init)).to(out.dtype)
-        return F.rms_norm(out, (self.value_head_dim,), weight, self.sub_norm.eps)
+        eps = self.sub_norm.eps  # 1e-5, set in __init__ (None would mean the dtype's machine epsilon)
+        if exporting() and eps is not None:
+            return _rms_norm_written_out(out, weight, eps)
+        return F.rms_norm(out, (self.value_head_dim,), weight, eps)
 
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
         B, N, C = x.shape
         q1, k1, q2, k2, v = self.split_qkv(x)
-        out = differential_attention(
-            q1, k1, q2, k2, v, self.lam(), attn_mask=attn_mask, is_causal=is_causal,
-            dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
+        dropout_p = self.attn_drop if self.training else 0.0
+        if torch.jit.is_scripting():  # TorchScript compiles neither keyword-only arguments nor the checks
+            out = differential_attention_unchecked(
+                q1, k1, q2, k2, v, self.lam(), attn_mask, is_causal, dropout_p, None, self.backend)
+        else:
+            out = differential_attention(q1, k1, q2, k2, v, self.lam(), attn_mask=attn_mask, is_causal=is_causal,
+                                         dropout_p=dropout_p, backend=self.backend)
         out = self.head_norm(out)
         out = self.norm(out.transpose(1, 2).reshape(B, N, C))
         return self.proj_drop(self.proj(out))
@@ -367,6 +397,7 @@ class DifferentialAttentionV2(nn.Module):
     """
 
     attn_kind = "diffv2"
+    __jit_unused_properties__ = ["layout"]  # Python-only: torch.jit.script leaves it out
 
     def __init__(
         self,
@@ -457,9 +488,13 @@ class DifferentialAttentionV2(nn.Module):
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
         B, N, _ = x.shape
         q, k, v = self.split_qkv(x)
-        out = differential_attention_v2(
-            q, k, v, self.lam(x), attn_mask=attn_mask, is_causal=is_causal,
-            dropout_p=self.attn_drop if self.training else 0.0, backend=self.backend)
+        dropout_p = self.attn_drop if self.training else 0.0
+        if torch.jit.is_scripting():  # TorchScript compiles neither keyword-only arguments nor the checks
+            out = differential_attention_v2_unchecked(q, k, v, self.lam(x), attn_mask, is_causal, dropout_p, None,
+                                                      self.backend)
+        else:
+            out = differential_attention_v2(q, k, v, self.lam(x), attn_mask=attn_mask, is_causal=is_causal,
+                                            dropout_p=dropout_p, backend=self.backend)
         out = self.norm(out.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim))
         return self.proj_drop(self.proj(out))
 

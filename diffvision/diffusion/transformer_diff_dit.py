@@ -349,6 +349,16 @@ class DiffDiTTransformer2DModel(ModelMixin, ConfigMixin):
                       FutureWarning, stacklevel=2)
         set_attention_backend(self, backend)
 
+    # ---- deployment ------------------------------------------------------------------------
+
+    def __prepare_scriptable__(self):
+        """``torch.jit.script`` calls this first: refuse with the reason and what works instead."""
+        raise RuntimeError(
+            "torch.jit.script cannot compile DiffDiTTransformer2DModel: diffusers' PatchEmbed, Timesteps, "
+            "TimestepEmbedding and FeedForward are not TorchScript (nor is diffusers' own DiTTransformer2DModel); "
+            "use torch.jit.trace(model, (x, t, y), strict=False), torch.export.export or torch.onnx.export "
+            "(both exporters)")
+
     # ---- forward -----------------------------------------------------------------------------
 
     def _check_inputs(self, hidden_states: Tensor, class_labels: Optional[Tensor]) -> None:

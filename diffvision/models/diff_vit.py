@@ -27,6 +27,7 @@ loads weight for weight; DIFF V2 takes one through a GQA-style mapping. See ``ch
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import re
@@ -217,6 +218,14 @@ class DiffVisionTransformer(VisionTransformer):
                 f"convert the images or create the model with in_chans={x.shape[1]}")
         if not x.is_floating_point():
             raise ValueError(f"input must be a floating-point (normalised) image tensor, got dtype {x.dtype}")
+
+    def __prepare_scriptable__(self) -> VisionTransformer:
+        """What ``torch.jit.script`` compiles: this model as timm's ``VisionTransformer`` (a shallow copy,
+        sharing every submodule and parameter), because TorchScript compiles neither ``super()`` calls nor
+        the ``*args`` of the input-checking ``forward_features`` below; the attention layers script as they are."""
+        twin = copy.copy(self)
+        twin.__class__ = VisionTransformer
+        return twin
 
     def forward_features(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         self._check_image(x)
