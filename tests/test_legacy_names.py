@@ -71,7 +71,7 @@ def test_diffusion_checkpoint_loads_and_gives_the_same_outputs(outputs):
 
 def test_classifier_checkpoint_loads_and_gives_the_same_outputs(outputs):
     module = ImageClassifier.load_from_checkpoint(LEGACY / "classifier.ckpt", map_location="cpu").eval()
-    assert module.hparams.model_kwargs["lambda_init"] is None  # the old spelling of "schedule"
+    assert module.hparams.model_kwargs["lambda_init"] == "schedule"  # saved as None, the old spelling
     with torch.no_grad():
         torch.testing.assert_close(module(outputs["classifier_images"]), outputs["classifier_logits"],
                                    rtol=0, atol=1e-6)

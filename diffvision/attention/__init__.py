@@ -16,6 +16,9 @@ from .modules import (
 )
 from .registry import (
     ATTN_KINDS,
+    LAMBDA_OPTIONS,
+    PAPER_OPTIONS,
+    VISION_OPTIONS,
     AttnKind,
     attention_layers,
     check_attn_backend,
@@ -28,6 +31,9 @@ from .registry import (
 
 __all__ = [
     "ATTN_KINDS",
+    "LAMBDA_OPTIONS",
+    "PAPER_OPTIONS",
+    "VISION_OPTIONS",
     "AttnKind",
     "BACKENDS",
     "LAMBDA_MODES",

@@ -34,9 +34,12 @@ from .modules import (
 __all__ = [
     "ATTN_KINDS",
     "AttnKind",
+    "LAMBDA_OPTIONS",
     "LEGACY_KEYWORDS",
     "OPTION_DEFAULTS",
     "attention_layers",
+    "PAPER_OPTIONS",
+    "VISION_OPTIONS",
     "check_attn_backend",
     "create_attention",
     "get_attn_kind",
@@ -46,10 +49,16 @@ __all__ = [
     "twin_heads",
 ]
 
-# Options a kind may take besides its heads, at their defaults (the paper's DIFF choices). A model passes
-# them to every kind; a kind that does not take one accepts it only at its default.
-OPTION_DEFAULTS: dict[str, Any] = {"lambda_init": "schedule", "lambda_mode": "reparam", "head_norm": True,
-                                   "backend": "auto"}
+# λ and head-norm choices of DIFF / GDA. The paper's are the attention modules' defaults (they compute the
+# paper's formula), and were the models' defaults before issue 16; VISION_OPTIONS are the models' defaults
+# since then, chosen by the variant study (docs/variant_study.md). A checkpoint that records no choice was
+# saved under PAPER_OPTIONS (see ImageClassifier.on_load_checkpoint).
+PAPER_OPTIONS: dict[str, Any] = {"lambda_init": "schedule", "lambda_mode": "reparam", "head_norm": True}
+VISION_OPTIONS: dict[str, Any] = {"lambda_init": 0.8, "lambda_mode": "reparam", "head_norm": True}
+LAMBDA_OPTIONS = tuple(PAPER_OPTIONS)
+# Options a kind may take besides its heads, at the models' defaults. A model passes them to every kind; a
+# kind that does not take one accepts it only at a default (the models' today or the paper's).
+OPTION_DEFAULTS: dict[str, Any] = {**VISION_OPTIONS, "backend": "auto"}
 
 # Keyword names used before the vocabulary was unified (saved DiT configs, Lightning hparams, YAML).
 LEGACY_KEYWORDS = {"attention_type": "attn_kind", "diff_attention_backend": "attn_backend"}
@@ -225,7 +234,8 @@ def _kinds_taking(option: str) -> list[str]:
 
 
 def _is_default(option: str, value: Any) -> bool:
-    return value == OPTION_DEFAULTS[option] or (option == "lambda_init" and value is None)
+    return (value == OPTION_DEFAULTS[option] or value == PAPER_OPTIONS.get(option, OPTION_DEFAULTS[option])
+            or (option == "lambda_init" and value is None))
 
 
 def check_attn_backend(backend: Any, attn_kind: Optional[str] = None) -> str:

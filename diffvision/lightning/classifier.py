@@ -12,8 +12,10 @@ import timm
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.classification import MulticlassAccuracy
 
+from ..attention import LAMBDA_OPTIONS, PAPER_OPTIONS
 from .loading import WeightsOnlyLoading
 from .optim import build_lr_scheduler, default_adamw, param_groups, run_seed, shows_progress_bar, step_rng, step_seed
 
@@ -136,9 +138,7 @@ class ImageClassifier(WeightsOnlyLoading, pl.LightningModule):
             raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
         self.save_hyperparameters()
         self.model_kwargs = dict(model_kwargs or {})
-        self.model = create_classifier(model_name, num_classes, in_chans, img_size, pretrained, **self.model_kwargs)
-        if compile:
-            self.model.compile(**(compile_kwargs or {}))
+        self._build_model(self.model_kwargs, pretrained)
         self.optimizer_factory = optimizer
         self.class_names = list(class_names) if class_names is not None else None
         self.mean = tuple(mean) if mean is not None else None
@@ -150,6 +150,38 @@ class ImageClassifier(WeightsOnlyLoading, pl.LightningModule):
         if self.top5:
             self.val_acc5 = MulticlassAccuracy(num_classes, top_k=5, average="micro")
             self.test_acc5 = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+
+    def _build_model(self, model_kwargs: dict, pretrained: bool = False) -> None:
+        hp = self.hparams
+        if "lambda_init" in model_kwargs and model_kwargs["lambda_init"] is None:
+            # the old spelling of "schedule"; timm.create_model drops None keywords, which would mean the default
+            model_kwargs = {**model_kwargs, "lambda_init": "schedule"}
+        self.model = create_classifier(hp.model_name, hp.num_classes, hp.in_chans, hp.img_size, pretrained,
+                                       **model_kwargs)
+        # the λ / head-norm choices of a DIFF / GDA model go into the hparams explicitly, so the checkpoint
+        # keeps them whatever the defaults become (on_load_checkpoint reads their absence as "old")
+        options = getattr(self.model, "attn_options", None) or {}
+        self.model_kwargs = {**model_kwargs, **options}
+        self.hparams["model_kwargs"] = dict(self.model_kwargs)
+        if hp.compile:
+            self.model.compile(**(hp.compile_kwargs or {}))
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A DIFF / GDA checkpoint whose hparams record no λ / head-norm choice was saved when the paper's
+        were the models' defaults (before issue 16): the model is rebuilt with ``PAPER_OPTIONS`` for the
+        missing ones before the weights load, so it computes what was trained."""
+        options = getattr(self.model, "attn_options", None) or {}
+        saved = (checkpoint.get("hyper_parameters") or {}).get("model_kwargs") or {}
+        if not options or all(k in saved for k in LAMBDA_OPTIONS):
+            return
+        trained = {k: saved.get(k, PAPER_OPTIONS[k]) for k in LAMBDA_OPTIONS}
+        if trained == options:
+            return
+        rank_zero_info(f"checkpoint records no {[k for k in LAMBDA_OPTIONS if k not in saved]}: it predates the "
+                       f"vision defaults, so the model is rebuilt with the paper's ({trained})")
+        device = next(self.model.parameters()).device
+        self._build_model({**self.model_kwargs, **trained})
+        self.model.to(device)
 
     def setup(self, stage: str) -> None:
         # the training normalisation travels with the model (hparams -> checkpoint -> export)
@@ -254,6 +286,8 @@ class ImageClassifier(WeightsOnlyLoading, pl.LightningModule):
             data_config["mean"] = tuple(float(m) for m in mean)
         if std is not None:
             data_config["std"] = tuple(float(s) for s in std)
+        # model_args: the λ / head-norm choices, so a ``local-dir:`` reload builds what was trained
         save_for_hf(self.model, save_directory, model_config=model_config, data_config=data_config,
+                    model_args=getattr(self.model, "attn_options", None) or None,
                     safe_serialization=safe_serialization)
         return save_directory

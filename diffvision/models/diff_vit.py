@@ -48,6 +48,8 @@ from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoin
 
 from ..attention import (
     ATTN_KINDS,
+    LAMBDA_OPTIONS,
+    VISION_OPTIONS,
     check_attn_backend,
     create_attention,
     get_attn_kind,
@@ -106,9 +108,9 @@ class DiffBlock(Block):
             attn_kind: str = 'diff',
             noise_heads: Optional[int] = None,
             num_kv_heads: Optional[int] = None,
-            lambda_init: Union[float, str, None] = 'schedule',
-            lambda_mode: str = 'reparam',
-            head_norm: bool = True,
+            lambda_init: Union[float, str, None] = VISION_OPTIONS['lambda_init'],
+            lambda_mode: str = VISION_OPTIONS['lambda_mode'],
+            head_norm: bool = VISION_OPTIONS['head_norm'],
             attn_backend: str = 'auto',
             device=None,
             dtype=None,
@@ -153,6 +155,11 @@ class DiffVisionTransformer(VisionTransformer):
         lambda_mode: ``'reparam'`` (the paper's), ``'fixed'`` (λ = λinit) or ``'scalar'`` (a learnable λ per
             head), for ``'diff'`` / ``'gda'``.
         head_norm: per-head RMSNorm × (1 − λinit) after the difference (``'diff'`` / ``'gda'``).
+
+        The defaults of these three are ``VISION_OPTIONS``, chosen by the variant study
+        (docs/variant_study.md); the paper's text recipe is ``PAPER_OPTIONS`` (``lambda_init='schedule'``,
+        ``lambda_mode='reparam'``, ``head_norm=True``). ``attn_options`` records the values the model was
+        built with.
         attn_backend: kernel backend (``'auto'``, ``'math'``, ``'sdpa'``, ``'triton'``; DIFF V2 has no
             ``'triton'``); see ``set_attention_backend``.
     """
@@ -163,9 +170,9 @@ class DiffVisionTransformer(VisionTransformer):
             num_heads: int = 6,
             noise_heads: Optional[int] = None,
             num_kv_heads: Optional[int] = None,
-            lambda_init: Union[float, str, None] = 'schedule',
-            lambda_mode: str = 'reparam',
-            head_norm: bool = True,
+            lambda_init: Union[float, str, None] = VISION_OPTIONS['lambda_init'],
+            lambda_mode: str = VISION_OPTIONS['lambda_mode'],
+            head_norm: bool = VISION_OPTIONS['head_norm'],
             attn_backend: str = 'auto',
             **kwargs: Any,
     ) -> None:
@@ -184,6 +191,9 @@ class DiffVisionTransformer(VisionTransformer):
         # re-draws λ after the Linear inits and resets the RMSNorm scale to 1
         super().__init__(num_heads=num_heads, block_fn=block_fn, attn_layer=None, **kwargs)
         self.attn_kind = attn_kind
+        # the λ / head-norm choices as given (kinds without them: none), so checkpoints can record them
+        self.attn_options = (dict(lambda_init=lambda_init, lambda_mode=lambda_mode, head_norm=head_norm)
+                             if set(LAMBDA_OPTIONS) <= set(get_attn_kind(attn_kind).options) else {})
 
     @property
     def attn_layout(self) -> Dict[str, Any]:
