@@ -54,7 +54,7 @@ __all__ = [
 # since then, chosen by the variant study (docs/variant_study.md). A checkpoint that records no choice was
 # saved under PAPER_OPTIONS (see ImageClassifier.on_load_checkpoint).
 PAPER_OPTIONS: dict[str, Any] = {"lambda_init": "schedule", "lambda_mode": "reparam", "head_norm": True}
-VISION_OPTIONS: dict[str, Any] = {"lambda_init": 0.8, "lambda_mode": "reparam", "head_norm": True}
+VISION_OPTIONS: dict[str, Any] = {"lambda_init": 0.8, "lambda_mode": "fixed", "head_norm": True}
 LAMBDA_OPTIONS = tuple(PAPER_OPTIONS)
 # Options a kind may take besides its heads, at the models' defaults. A model passes them to every kind; a
 # kind that does not take one accepts it only at a default (the models' today or the paper's).
