@@ -18,7 +18,7 @@ from .results import RESULT_FILE, TASKS, finite_number, fraction_key, headline, 
 __all__ = ["KIND_ORDER", "Problem", "Run", "discover", "order_kinds", "percent"]
 
 # the attention kinds in the order tables and plots show them; other kinds follow, sorted
-KIND_ORDER = ("standard", "diff", "gda")
+KIND_ORDER = ("standard", "diff", "gda", "diffv2")
 
 
 @dataclass
