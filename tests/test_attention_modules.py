@@ -167,9 +167,14 @@ def test_module_errors():
     with pytest.raises(ValueError, match="attn_kind='standard' takes no backend .*applies to \\['diff', 'gda', 'diffv2'\\]"):
         create_attention("standard", 32, num_heads=2, backend="math")
     with pytest.raises(ValueError, match="attn_kind='diffv2' takes no lambda_init"):
-        create_attention("diffv2", 32, num_heads=2, lambda_init=0.8)
-    # the defaults of options a kind does not take are accepted, so a model can pass them to every kind
+        create_attention("diffv2", 32, num_heads=2, lambda_init=0.5)
+    with pytest.raises(ValueError, match="attn_kind='diffv2' takes no lambda_mode"):
+        create_attention("diffv2", 32, num_heads=2, lambda_mode="scalar")
+    # the defaults of options a kind does not take (the models' and the paper's) are accepted, so a model can
+    # pass them to every kind and configs saved under either still load
     assert isinstance(create_attention("standard", 32, num_heads=2, lambda_init=None, lambda_mode="reparam",
                                        head_norm=True, backend="auto"), MultiHeadAttention)
+    assert isinstance(create_attention("standard", 32, num_heads=2, lambda_init=0.8, lambda_mode="fixed",
+                                       head_norm=True), MultiHeadAttention)
     with pytest.raises(ValueError, match="unknown attn_kind 'flash'"):
         create_attention("flash", 32, num_heads=2)
