@@ -169,6 +169,19 @@ def _validate_v2(q, k, v, lam, attn_mask, is_causal, dropout_p, scale, backend) 
 # Backends
 # --------------------------------------------------------------------------------------------
 
+def _at_least_2d(attn_mask: Optional[Tensor]) -> Optional[Tensor]:
+    """A 0-d or (M,) mask as (1, 1) / (1, M): it broadcasts the same, and SDPA indexes a mask's last two dims."""
+    if attn_mask is None or attn_mask.dim() >= 2:
+        return attn_mask
+    return attn_mask.reshape((1,) * (2 - attn_mask.dim()) + tuple(attn_mask.shape))
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for float16 / bfloat16: the maps' logits and softmax overflow or round badly in half
+    precision (q·k of 1e4 is inf in float16), where SDPA's kernels accumulate in float32 too."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def _lam_view(lam: Tensor, dtype: torch.dtype) -> Tensor:
     """lam as a (1, Hs, 1, 1) or 0-d tensor in the output dtype."""
     lam = lam.to(dtype)
@@ -176,15 +189,17 @@ def _lam_view(lam: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _math(q1, k1, q2, k2, v, lam, attn_mask, is_causal, dropout_p, scale) -> Tensor:
+    dtype, compute = q1.dtype, _compute_dtype(q1.dtype)
+    q1, k1, q2, k2, v = (t.to(compute) for t in (q1, k1, q2, k2, v))
     group = q1.shape[1] // q2.shape[1]
     q2 = q2.repeat_interleave(group, dim=1)
     k2 = k2.repeat_interleave(group, dim=1)
-    bias = attention_bias(attn_mask, is_causal, q1.shape[2], k1.shape[2], q1.dtype, q1.device)
+    bias = attention_bias(attn_mask, is_causal, q1.shape[2], k1.shape[2], compute, q1.device)
     a1, a2 = softmax_maps(q1, k1, scale, bias), softmax_maps(q2, k2, scale, bias)
     if dropout_p > 0.0:
         # Each map is dropped independently, exactly as two SDPA calls with dropout do.
         a1, a2 = F.dropout(a1, dropout_p), F.dropout(a2, dropout_p)
-    return (a1 - _lam_view(lam, a1.dtype) * a2) @ v
+    return ((a1 - _lam_view(lam, compute) * a2) @ v).to(dtype)
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -277,13 +292,15 @@ def _auto_backend(q1, k1, q2, k2, v, attn_mask, dropout_p) -> str:
 # --------------------------------------------------------------------------------------------
 
 def _v2_math(q, k, v, lam, attn_mask, is_causal, dropout_p, scale) -> Tensor:
+    dtype, compute = q.dtype, _compute_dtype(q.dtype)
+    q, k, v = (t.to(compute) for t in (q, k, v))
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    maps = softmax_maps(q, k, scale, attention_bias(attn_mask, is_causal, q.shape[2], k.shape[2], q.dtype, q.device))
+    maps = softmax_maps(q, k, scale, attention_bias(attn_mask, is_causal, q.shape[2], k.shape[2], compute, q.device))
     if dropout_p > 0.0:
         maps = F.dropout(maps, dropout_p)  # each query head's map on its own, as one SDPA call drops them
     # heads 2i and 2i+1 read the same value head (they share a GQA group)
-    return (maps[:, 0::2] - lam.unsqueeze(-1).to(maps.dtype) * maps[:, 1::2]) @ v[:, 0::2]
+    return ((maps[:, 0::2] - lam.unsqueeze(-1).to(compute) * maps[:, 1::2]) @ v[:, 0::2]).to(dtype)
 
 
 def _v2_sdpa(q, k, v, lam, attn_mask, is_causal, dropout_p, scale) -> Tensor:
@@ -334,6 +351,7 @@ def differential_attention_v2(
         masked out gives zeros.
     """
     _validate_v2(q, k, v, lam, attn_mask, is_causal, dropout_p, scale, backend)
+    attn_mask = _at_least_2d(attn_mask)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     lam = lam.expand(q.shape[0], q.shape[1] // 2, q.shape[2])
@@ -384,6 +402,7 @@ def differential_attention(
         ``(B, Hs, N, dv)``. A query row whose keys are all masked out gives zeros.
     """
     _validate(q1, k1, q2, k2, v, lam, attn_mask, is_causal, dropout_p, scale, backend)
+    attn_mask = _at_least_2d(attn_mask)
     if scale is None:
         scale = 1.0 / math.sqrt(q1.shape[-1])
     if backend == "auto":
