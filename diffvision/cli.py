@@ -92,16 +92,18 @@ def _versions(experiment_dir: Path) -> list[int]:
     return sorted(int(m.group(1)) for m in found if m)
 
 
-def interrupted_version(experiment_dir: Path) -> Optional[int]:
-    """The experiment's latest ``version_N`` when its writer died before the first checkpoint (no
-    ``*.ckpt`` in it, its lock file says it was running and nobody holds it now), else None."""
+def interrupted_version(experiment_dir: Path) -> Optional[tuple[int, Optional[Path]]]:
+    """The experiment's latest ``version_N`` when its writer died before its first ``last.ckpt`` (its lock
+    file says it was running and nobody holds it now), with its newest other checkpoint (``epoch=*.ckpt``,
+    written just before a kill that hit the first ``last.ckpt``) or None; None when there is no such run."""
     versions = _versions(experiment_dir)
     if not versions:
         return None
     run_dir = Path(experiment_dir) / f"version_{versions[-1]}"
-    if any(run_dir.rglob("*.ckpt")) or not was_interrupted(run_dir):
+    if (run_dir / "checkpoints" / "last.ckpt").exists() or not was_interrupted(run_dir):
         return None
-    return versions[-1]
+    saved = sorted(run_dir.glob("checkpoints/*.ckpt"), key=lambda p: p.stat().st_mtime)
+    return versions[-1], (saved[-1] if saved else None)
 
 
 def claim_new_version(experiment_dir: Path) -> int:
@@ -296,10 +298,15 @@ class DiffvisionCLI(LightningCLI):
                 raise FileNotFoundError(f"--ckpt_path last: no checkpoint at {where}; pass a checkpoint path")
             cfg["ckpt_path"] = None
             interrupted = None if dirpath else interrupted_version(experiment_dir)
-            if interrupted is not None:  # killed before its first checkpoint: start it again, in place
-                self._resume_version, self._restart_version = interrupted, True
-                print(f"--ckpt_path last: {experiment_dir / f'version_{interrupted}'} was interrupted before its first "
-                      f"checkpoint; training starts from scratch in it")
+            if interrupted is not None:  # killed before its first last.ckpt: go on in the same version_N
+                self._resume_version, saved = interrupted
+                if saved is not None:
+                    cfg["ckpt_path"] = str(saved)
+                    print(f"resuming from {saved} (the run was interrupted before its first last.ckpt)")
+                else:
+                    self._restart_version = True
+                    print(f"--ckpt_path last: {experiment_dir / f'version_{self._resume_version}'} was interrupted "
+                          f"before its first checkpoint; training starts from scratch in it")
                 return
             rank_zero_warn(f"--ckpt_path last: no checkpoint at {where} yet; training starts from scratch")
             return

@@ -33,7 +33,7 @@ TINY_DIT = ["--model.init_args.transformer_kwargs",
             "--model.init_args.sample_steps", "3", "--model.init_args.num_sample_images", "2"]
 
 KILLER = '''
-import io, os, signal, time
+import builtins, io, os, signal, time
 import lightning.pytorch as pl
 import torch
 
@@ -62,7 +62,7 @@ class KillWhileWriting(pl.Callback):
                 os.kill(os.getpid(), signal.SIGKILL)
             return handle
 
-        io.open = open_then_die  # pathlib writes through io.open
+        io.open = builtins.open = open_then_die  # pathlib writes through io.open
 
 
 class PauseAtStep(pl.Callback):
@@ -588,3 +588,24 @@ def test_a_diverged_run_stops_and_keeps_the_last_finite_checkpoint(data, tmp_pat
         run_cli("cifar10_vit", data, tmp_path, *TINY_VIT, "--trainer.max_epochs", "2", "--experiment", "lr",
                 "--model.init_args.optimizer.init_args.lr", "1e30")
     assert not list((tmp_path / "lr").rglob("*.ckpt"))
+
+
+def test_a_run_killed_while_writing_its_first_last_ckpt_resumes_in_the_same_version(data, tmp_path):
+    """Killed as the first last.ckpt was being written (epoch=0-step=5.ckpt already saved): `--ckpt_path last`
+    resumes that checkpoint in version_0 (not a fresh version_1) and the half-written file is gone."""
+    cmd, env = cli_command(tmp_path)
+    common = cli_args("cifar10_vit", data, tmp_path, *TINY_VIT, "--trainer.max_epochs", "2", "--experiment", "first",
+                      "--trainer.log_every_n_steps", "1", "--checkpoint.monitor", "null")
+    killed = subprocess.run(cmd + ["fit", *common, "--trainer.callbacks+=killer.KillWhileWriting",
+                                   "--trainer.callbacks.name", "last.ckpt"],
+                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    run_dir = tmp_path / "first" / "version_0"
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [".last.ckpt.partial", "epoch=0-step=5.ckpt"]
+    cli = DiffvisionCLI(args=["fit", *common, "--ckpt_path", "last"])
+    assert Path(cli.trainer.log_dir) == run_dir and not (tmp_path / "first" / "version_1").exists()
+    # Lightning keeps the checkpoint a run resumed from; the partial file is gone
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "epoch=0-step=5.ckpt", "epoch=1-step=10.ckpt", "last.ckpt"]
+    steps = Counter(int(r["step"]) for r in read_rows(run_dir / "metrics.csv") if r.get("train/loss_step"))
+    assert sorted(steps) == list(range(10)) and set(steps.values()) == {1}
