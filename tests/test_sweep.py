@@ -176,26 +176,7 @@ def test_fid_eval_of_a_checkpoint(tmp_path):
         fid_eval.main([str(tmp_path / "missing.ckpt")])
 
 
-PAUSE = '''
-import os, time
-import lightning.pytorch as pl
-
-
-class PauseAtStep(pl.Callback):
-    """At `step`, write this process's pid to `<flags>/ready` and wait (at most a minute) for `<flags>/go`."""
-
-    def __init__(self, step: int, flags: str) -> None:
-        self.step, self.flags = step, flags
-
-    def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step == self.step:
-            with open(os.path.join(self.flags, "ready.partial"), "w") as f:
-                f.write(str(os.getpid()))
-            os.replace(os.path.join(self.flags, "ready.partial"), os.path.join(self.flags, "ready"))
-            deadline = time.time() + 60
-            while not os.path.exists(os.path.join(self.flags, "go")) and time.time() < deadline:
-                time.sleep(0.05)
-'''
+PAUSE = (Path(__file__).parent / "_fault_callbacks.py").read_text()  # written as pause.py beside a run
 
 
 def _alive(pid: int) -> bool:
