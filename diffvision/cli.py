@@ -20,14 +20,20 @@ What it adds to a plain ``LightningCLI``:
   rewritten at every epoch (every ``--checkpoint.every_n_epochs``, and at the last) by
   :class:`~diffvision.lightning.LastCheckpoint`;
 * ``--ckpt_path last`` resumes the most recent ``last.ckpt`` of the experiment, in the same
-  ``version_N`` directory (with a warning and a fresh start when there is none; an error for
-  validate / test / predict);
+  ``version_N`` directory (a run killed before its first ``last.ckpt`` goes on in its own directory;
+  with a warning and a fresh start when there is none; an error for validate / test / predict);
+* ``--ckpt_path`` never changes the model: the config builds it, and a checkpoint of another model
+  (or naming a class that is not diffvision's own) is refused; nothing a checkpoint names is imported;
+* one writer per run directory (:mod:`diffvision.run_lock`); every checkpoint written in place and
+  atomically (:class:`~diffvision.lightning.AtomicCheckpointIO`, never staged in ``$TMPDIR``) and its zip
+  CRCs checked when read back; a diverged run stopped (:class:`~diffvision.lightning.DivergenceGuard`);
 * a Rich progress bar and a learning-rate monitor unless configured otherwise;
 * fail fast: before any data is decoded, the run and checkpoint directories must be creatable and
   writable (a probe file is written and fsynced, which also catches a full disk), and before
-  ``fit`` starts there must be room for two checkpoints of the model (``last.ckpt`` is written
-  beside the old one, then replaces it); a resumed run drops the ``metrics.csv`` rows (and
-  TensorBoard events) logged after its checkpoint, as it logs those steps again.
+  ``fit`` starts there must be room for ``checkpoint.save_top_k`` + 2 checkpoints of the model (the
+  kept ones, ``last.ckpt``, and the next one, written beside them before it replaces one); a resumed
+  run drops the ``metrics.csv`` rows (and TensorBoard events) logged after its checkpoint, as it logs
+  those steps again.
 """
 from __future__ import annotations
 
@@ -418,7 +424,8 @@ class DiffvisionCLI(LightningCLI):
         resume_step = self._resume_step(cfg) if self.subcommand == "fit" else None
         purge = {"purge_step": resume_step} if resume_step is not None else {}
         version = self._resume_version
-        writer = self.subcommand is not None and rank_zero_only.rank == 0  # DDP: rank 0 writes the run
+        # DDP: rank 0 writes the run; fast_dev_run: Lightning swaps the loggers out, nothing is written
+        writer = self.subcommand is not None and rank_zero_only.rank == 0 and not trainer_cfg.get("fast_dev_run")
         if version is None and writer:
             version = claim_new_version(root / name)
         tensorboard = TensorBoardLogger(save_dir=str(root), name=name, version=version,
