@@ -6,8 +6,10 @@ from __future__ import annotations
 import csv
 import errno
 import hashlib
+import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -30,21 +32,7 @@ TINY_DIT = ["--model.init_args.transformer_kwargs",
             "{num_layers: 1, num_attention_heads: 2, attention_head_dim: 8, patch_size: 4}",
             "--model.init_args.sample_steps", "3", "--model.init_args.num_sample_images", "2"]
 
-KILLER = '''
-import os, signal
-import lightning.pytorch as pl
-
-
-class KillAtStep(pl.Callback):
-    """SIGKILL this process once training has made `step` optimizer steps: no handler, no cleanup."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
-'''
+KILLER = (Path(__file__).parent / "_fault_callbacks.py").read_text()  # written as killer.py beside a run
 
 
 @pytest.fixture(scope="module")
@@ -93,11 +81,16 @@ def test_sigkilled_run_resumes_with_the_same_subset_and_no_lost_or_repeated_epoc
     logged_before = read_rows(run_dir / "metrics.csv")
     assert max(int(r["step"]) for r in logged_before) >= 3  # the killed run logged work the resume repeats
     assert not list(run_dir.glob("checkpoints/.*"))  # no partial checkpoint: the kill hit between saves
+    killed_writer = json.loads((run_dir / ".writer.lock").read_text())
+    assert killed_writer["state"] == "running" and killed_writer["pid"] != os.getpid()  # died holding the lock
 
     # the resume runs in this process (a fresh process would do the same: all state comes from disk)
     DiffvisionCLI(args=["fit", *common, "--ckpt_path", "last"])
     assert f"resuming from {run_dir / 'checkpoints/last.ckpt'}" in capsys.readouterr().out
     assert not (tmp_path / "killed" / "version_1").exists()  # the same run directory goes on
+    # the dead writer's lock did not stand in the way; this process took it and released it, finished
+    assert json.loads((run_dir / ".writer.lock").read_text()) | {"since": 0} == {
+        "pid": os.getpid(), "host": killed_writer["host"], "since": 0, "state": "finished"}
     final = torch.load(run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     assert (final["epoch"], final["global_step"]) == (2, 9)
 
@@ -196,28 +189,34 @@ def test_too_little_space_for_a_checkpoint_fails_before_training(data, tmp_path,
 # ---------------------------------------------------------------------------------------------
 
 def test_a_failed_checkpoint_write_leaves_the_previous_last_ckpt_whole(data, tmp_path, monkeypatch):
-    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+    import builtins
 
-    real_save = TorchCheckpointIO.save_checkpoint
+    real_open = builtins.open
     writes = []
 
-    def disk_fills_on_the_second_last_ckpt(self, checkpoint, path, storage_options=None):
-        path = Path(path)
-        if "last.ckpt" in path.name:
-            writes.append(path)
-        if len(writes) == 2 and writes[-1] == path:  # write half a file, then the disk is full
-            real_save(self, checkpoint, path)
-            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        return real_save(self, checkpoint, path)
+    class FullDisk(io.BufferedWriter):
+        """A file on a disk that is full after half of the checkpoint's bytes."""
 
-    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", disk_fills_on_the_second_last_ckpt)
+        def write(self, data):
+            super().write(bytes(data)[: len(data) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.name)
+
+    def disk_fills_on_the_second_last_ckpt(file, mode="r", *args, **kwargs):
+        path = Path(str(file))
+        if "last.ckpt" in path.name and "w" in mode:
+            writes.append(path)
+            if len(writes) == 2:
+                return FullDisk(io.FileIO(path, "w"))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", disk_fills_on_the_second_last_ckpt)
     with pytest.raises(OSError, match=r"writing checkpoint .*/checkpoints/last.ckpt failed \(No space left on "
                                       r"device; \d+ bytes free there\); the previous one is intact") as err:
         run_cli("cifar10_vit", data, tmp_path, *TINY_VIT, "--trainer.max_epochs", "3",
                 "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", "--experiment", "full")
     assert err.value.errno == errno.ENOSPC
     ckpt_dir = tmp_path / "full" / "version_0" / "checkpoints"
+    monkeypatch.undo()
     last = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=True)  # whole, loadable
     assert (last["epoch"], last["global_step"]) == (0, 2)  # epoch 0's state; epoch 1's write failed
     assert not list(ckpt_dir.glob(".last.ckpt*"))  # the partial file is removed
@@ -335,3 +334,219 @@ def test_a_resumed_runs_event_file_sorts_after_the_killed_runs(tmp_path):
     steps = [e.step for e in EventAccumulator(str(tmp_path)).Reload().Scalars("loss")]
     assert steps == list(range(9))
     assert wait_past_event_files(tmp_path / "empty") == 0.0  # nothing to wait for
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 20: one writer per run, kills before the first checkpoint, disks and $TMPDIR, divergence
+# ---------------------------------------------------------------------------------------------
+
+def cli_command(tmp_path: Path) -> tuple[list[str], dict]:
+    """``diffvision`` as a subprocess, with the fault-injecting callbacks (KILLER) importable."""
+    (tmp_path / "killer.py").write_text(KILLER)
+    script = shutil.which("diffvision", path=str(Path(sys.executable).parent))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    return ([script] if script else [sys.executable, "-m", "diffvision.cli"]), env
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.1)
+
+
+def test_a_second_writer_of_a_run_directory_is_refused_naming_the_first(data, tmp_path):
+    """Two `--ckpt_path last` resumes of one run at once: the second fails before writing anything (before,
+    both exited 0 and metrics.csv got duplicated rows and a `-v1` checkpoint)."""
+    from diffvision.run_lock import RunDirLockedError
+
+    cmd, env = cli_command(tmp_path)
+    flags = tmp_path / "flags"
+    flags.mkdir()
+    common = cli_args("cifar10_vit", data, tmp_path, *TINY_VIT, "--trainer.max_epochs", "2", "--experiment", "busy",
+                      "--trainer.log_every_n_steps", "1", "--checkpoint.monitor", "null")
+    DiffvisionCLI(args=["fit", *common, "--trainer.max_epochs", "1"])  # epoch 0: last.ckpt to resume from
+    first = subprocess.Popen(cmd + ["fit", *common, "--ckpt_path", "last", "--trainer.callbacks+=killer.PauseAtStep",
+                                    "--trainer.callbacks.step", "7", "--trainer.callbacks.flags", str(flags)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    try:
+        wait_for(flags / "ready", first)  # the first resume is mid-epoch 1, holding the run directory
+        pid = (flags / "ready").read_text()
+        run_dir = tmp_path / "busy" / "version_0"
+        before = sorted(p.name for p in run_dir.rglob("*"))
+        with pytest.raises(RunDirLockedError, match=rf"run directory {run_dir} is being written by pid {pid} on "):
+            DiffvisionCLI(args=["fit", *common, "--ckpt_path", "last"])
+        assert sorted(p.name for p in run_dir.rglob("*")) == before  # the refused run wrote nothing
+    finally:
+        (flags / "go").touch()
+        _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-3000:]
+    rows = read_rows(run_dir / "metrics.csv")
+    steps = Counter(int(r["step"]) for r in rows if r.get("train/loss_step"))
+    assert sorted(steps) == list(range(10)) and set(steps.values()) == {1}
+    assert [int(r["epoch"]) for r in rows if r.get("val/acc1")] == [0, 1]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["epoch=1-step=10.ckpt", "last.ckpt"]
+    assert json.loads((run_dir / ".writer.lock").read_text())["state"] == "finished"
+
+
+def test_a_run_killed_before_its_first_checkpoint_restarts_in_the_same_version(data, tmp_path):
+    """A SIGKILL while subset_indices.json is being written (before any checkpoint): `--ckpt_path last`
+    starts that run over in its own version_0, with no half-written file left (before: version_1 and an
+    orphaned version_0 holding a 0-byte subset_indices.json)."""
+    cmd, env = cli_command(tmp_path)
+    common = cli_args("cifar10_vit", data, tmp_path, *TINY_VIT, "--trainer.max_epochs", "1", "--experiment", "early",
+                      "--trainer.log_every_n_steps", "1")
+    killed = subprocess.run(cmd + ["fit", *common, "--trainer.callbacks+=killer.KillWhileWriting",
+                                   "--trainer.callbacks.name", "subset_indices"],
+                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    run_dir = tmp_path / "early" / "version_0"
+    assert not list(run_dir.rglob("*.ckpt"))
+    cli = DiffvisionCLI(args=["fit", *common, "--ckpt_path", "last"])
+    assert Path(cli.trainer.log_dir) == run_dir and not (tmp_path / "early" / "version_1").exists()
+    assert not [p for p in run_dir.rglob("*") if p.is_file() and (p.stat().st_size == 0 or ".partial" in p.name)]
+    assert json.loads((run_dir / "subset_indices.json").read_text())["num_samples"] == 100
+    steps = Counter(int(r["step"]) for r in read_rows(run_dir / "metrics.csv") if r.get("train/loss_step"))
+    assert sorted(steps) == list(range(5)) and set(steps.values()) == {1}
+
+
+def test_checkpoints_are_not_staged_in_tmpdir(data, tmp_path, monkeypatch):
+    """A full (or unwritable) $TMPDIR: Lightning staged every checkpoint there (then moved it, a copy across
+    filesystems), so an epoch trained and then failed with a bare `OSError: [Errno 28]` naming no file, and
+    a kill left /tmp/tmpXXXX behind. Checkpoints are now written beside their final name."""
+    import tempfile
+
+    real_mkstemp = tempfile.mkstemp
+
+    def tmpdir_full(*args, **kwargs):
+        if kwargs.get("dir") is None and (len(args) < 3 or args[2] is None):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_mkstemp(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", tmpdir_full)
+    cli = run_cli("cifar10_vit", data, tmp_path, *TINY_VIT, "--trainer.max_epochs", "2",
+                  "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", "--experiment", "tmp")
+    ckpt_dir = Path(cli.trainer.log_dir) / "checkpoints"
+    last = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=True)
+    assert (last["epoch"], last["global_step"]) == (1, 4)
+    assert [p.name for p in ckpt_dir.glob("epoch=*.ckpt")] and not list(ckpt_dir.glob(".*"))
+
+
+def test_disk_space_is_budgeted_for_top_k_last_and_the_one_being_written(data, tmp_path, monkeypatch):
+    """best + last + the next one written beside them: 3 checkpoints at the peak (save_top_k=1). With room
+    for 2.5 the run used to train an epoch and then fail with ENOSPC."""
+    from diffvision.lightning import ImageClassifier
+
+    estimate = checkpoint_size_estimate(ImageClassifier(model_name="vit_tiny_patch4_32", img_size=32,
+                                                        model_kwargs=dict(depth=1, embed_dim=32, num_heads=2)))
+    usage = namedtuple("usage", "total used free")
+    free = int(2.5 * estimate)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - free, free))
+    with pytest.raises(OSError, match=r"up to 3 are on disk at once \(1 kept by checkpoint.save_top_k, last.ckpt"):
+        run_cli("cifar10_vit", data, tmp_path, *TINY_VIT, cache=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+    with pytest.raises(OSError, match=r"up to 5 are on disk at once \(3 kept"):
+        run_cli("cifar10_vit", data, tmp_path, *TINY_VIT, "--checkpoint.save_top_k", "3", cache=tmp_path / "cache")
+    free = int(3.05 * estimate)  # room for 3: it trains
+    cli = run_cli("cifar10_vit", data, tmp_path, *TINY_VIT, "--trainer.max_epochs", "1",
+                  "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1")
+    assert cli.trainer.global_step == 1
+
+
+def _mount_tmpfs(path: Path, size: int) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    if not hasattr(os, "geteuid") or os.geteuid() != 0 or not shutil.which("mount"):
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def test_a_disk_filling_up_mid_write_leaves_no_truncated_checkpoint(data, tmp_path):
+    """A real full disk (a small tmpfs as checkpoint.dirpath, filled after the start-up check): the write
+    fails naming the checkpoint and no truncated file stays under a checkpoint's name (before: a truncated
+    `epoch=1-step=N.ckpt`, copied in from $TMPDIR until the disk was full, stayed beside the resumed run's
+    `-v1`)."""
+    small = tmp_path / "small"
+    if not _mount_tmpfs(small, 8 * 2**20):
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        (tmp_path / "filler.py").write_text(
+            "import os, shutil\nimport lightning.pytorch as pl\n\n\nclass FillDisk(pl.Callback):\n"
+            "    def __init__(self, path: str, leave: int) -> None:\n        self.path, self.leave = path, leave\n\n"
+            "    def on_train_epoch_start(self, trainer, *args) -> None:\n"
+            "        if trainer.current_epoch == 1:\n"
+            "            with open(os.path.join(self.path, 'filler'), 'wb') as f:\n"
+            "                f.write(b'x' * (shutil.disk_usage(self.path).free - self.leave))\n")
+        cmd, env = cli_command(tmp_path)
+        common = cli_args("cifar10_vit", data, tmp_path, *TINY_VIT, "--trainer.max_epochs", "3", "--experiment", "fill",
+                          "--checkpoint.dirpath", str(small / "ckpt"), "--checkpoint.monitor", "null",
+                          "--trainer.callbacks+=filler.FillDisk", "--trainer.callbacks.path", str(small),
+                          "--trainer.callbacks.leave", "20000")
+        run = subprocess.run(cmd + ["fit", *common], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+        assert run.returncode != 0
+        assert re.search(r"OSError: \[Errno 28\] writing checkpoint \S+/ckpt/epoch=1-step=10.ckpt failed \(No space "
+                         r"left on device; \d+ bytes free there\)", run.stderr), run.stderr[-3000:]
+        names = sorted(p.name for p in (small / "ckpt").glob("*.ckpt"))
+        assert names == ["epoch=0-step=5.ckpt", "last.ckpt"]  # epoch 0's, whole; nothing of epoch 1
+        assert not list((small / "ckpt").glob(".*.partial"))
+        for name in names:
+            torch.load(small / "ckpt" / name, map_location="cpu", weights_only=True)
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
+
+
+def test_a_diverged_run_stops_and_keeps_the_last_finite_checkpoint(data, tmp_path, monkeypatch):
+    """A NaN weight after step 7 (mid-epoch 1): fit stops with TrainingDivergedError and last.ckpt stays
+    epoch 0's finite state (before: the run exited 0 and rewrote last.ckpt with every tensor NaN); resuming
+    from a checkpoint of non-finite weights is refused; a NaN loss from the first step stops before any
+    checkpoint is written."""
+    from diffvision.lightning import TrainingDivergedError
+
+    (tmp_path / "killer.py").write_text(KILLER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    common = [*TINY_VIT, "--trainer.max_epochs", "3", "--experiment", "nan", "--checkpoint.monitor", "null"]
+    with pytest.raises(TrainingDivergedError, match=r"training diverged: the training loss was not finite at 3 steps, "
+                                                    r"the first at step 8 \(now at epoch 1, step 10\).*"
+                                                    r"version_0/checkpoints/last.ckpt keeps the last finite state"):
+        run_cli("cifar10_vit", data, tmp_path, *common, "--trainer.callbacks+=killer.PoisonAtStep",
+                "--trainer.callbacks.step", "7")
+    ckpt_dir = tmp_path / "nan" / "version_0" / "checkpoints"
+    last = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=True)
+    assert (last["epoch"], last["global_step"]) == (0, 5)
+    assert all(torch.isfinite(t).all() for t in last["state_dict"].values())
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["epoch=0-step=5.ckpt", "last.ckpt"]
+
+    poisoned = dict(last, state_dict={k: v.clone() for k, v in last["state_dict"].items()})
+    next(iter(poisoned["state_dict"].values())).view(-1)[0] = float("nan")
+    torch.save(poisoned, tmp_path / "nan.ckpt")
+    with pytest.raises(TrainingDivergedError, match=r"weights are not finite before training starts \(1 parameter "
+                                                    rf"tensors.*the checkpoint resumed \({tmp_path / 'nan.ckpt'}\)"):
+        run_cli("cifar10_vit", data, tmp_path, *common, "--ckpt_path", str(tmp_path / "nan.ckpt"))
+
+    with pytest.raises(TrainingDivergedError, match=r"the training loss was not finite at \d+ steps, the first at "
+                                                    r"step \d.*no checkpoint had been written yet"):
+        run_cli("cifar10_vit", data, tmp_path, *TINY_VIT, "--trainer.max_epochs", "2", "--experiment", "lr",
+                "--model.init_args.optimizer.init_args.lr", "1e30")
+    assert not list((tmp_path / "lr").rglob("*.ckpt"))
+
+
+def test_a_run_killed_while_writing_its_first_last_ckpt_resumes_in_the_same_version(data, tmp_path):
+    """Killed as the first last.ckpt was being written (epoch=0-step=5.ckpt already saved): `--ckpt_path last`
+    resumes that checkpoint in version_0 (not a fresh version_1) and the half-written file is gone."""
+    cmd, env = cli_command(tmp_path)
+    common = cli_args("cifar10_vit", data, tmp_path, *TINY_VIT, "--trainer.max_epochs", "2", "--experiment", "first",
+                      "--trainer.log_every_n_steps", "1", "--checkpoint.monitor", "null")
+    killed = subprocess.run(cmd + ["fit", *common, "--trainer.callbacks+=killer.KillWhileWriting",
+                                   "--trainer.callbacks.name", "last.ckpt"],
+                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    run_dir = tmp_path / "first" / "version_0"
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [".last.ckpt.partial", "epoch=0-step=5.ckpt"]
+    cli = DiffvisionCLI(args=["fit", *common, "--ckpt_path", "last"])
+    assert Path(cli.trainer.log_dir) == run_dir and not (tmp_path / "first" / "version_1").exists()
+    # Lightning keeps the checkpoint a run resumed from; the partial file is gone
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "epoch=0-step=5.ckpt", "epoch=1-step=10.ckpt", "last.ckpt"]
+    steps = Counter(int(r["step"]) for r in read_rows(run_dir / "metrics.csv") if r.get("train/loss_step"))
+    assert sorted(steps) == list(range(10)) and set(steps.values()) == {1}

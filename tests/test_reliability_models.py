@@ -9,6 +9,7 @@ values in tests/test_diffusers_dit.py::test_bad_model_inputs_raise_clear_errors.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,11 +19,12 @@ from safetensors.torch import save_file
 
 import diffvision  # noqa: F401  (registers the timm models)
 from diffvision import DiffDiTTransformer2DModel, differential_attention
+from diffvision.attention import differential_attention_v2
 from diffvision.attention import twin_heads
 from diffvision.lightning import DiffusionModule, ImageClassifier
 from diffvision.models import CorruptCheckpointError, load_checkpoint_file, load_standard_vit_weights
 from _training_data import CONFIGS, QUIET, make_cifar_npz
-from reference_attention import make_inputs, reference, rel_err
+from reference_attention import make_inputs, reference, reference_v2, rel_err
 
 VIT_KW = dict(depth=1, embed_dim=48, img_size=16, num_classes=10)
 DIT_KW = dict(num_attention_heads=2, attention_head_dim=16, in_channels=3, num_layers=1, sample_size=8,
@@ -233,6 +235,55 @@ def test_kernel_rejects_non_float_and_mixed_dtypes(case):
         differential_attention(*inputs)
 
 
+LOW_RANK_MASKS = {  # shapes the validation accepts (they broadcast to (B, H, N, M)); issue 20, item 7
+    "bool (M,)": lambda: torch.tensor([True, False, True, True, False, True]),
+    "float (M,)": lambda: torch.tensor([0.0, -1.5, float("-inf"), 2.0, 0.0, 0.5]),
+    "bool ()": lambda: torch.tensor(True),
+    "float ()": lambda: torch.tensor(-0.7),
+}
+
+
+@pytest.mark.parametrize("backend", ["math", "sdpa", "auto"])
+@pytest.mark.parametrize("case", list(LOW_RANK_MASKS))
+def test_kernel_0d_and_1d_masks_work_on_every_backend(backend, case):
+    """A mask of shape (M,) or () broadcasts like any other; SDPA itself indexes a mask's last two dims
+    (IndexError on these), so every backend must give the float64 reference, not a crash."""
+    mask = LOW_RANK_MASKS[case]()
+    inputs = make_inputs(1, 2, 1, 5, 6, 8, 16, torch.float32)
+    out = differential_attention(*inputs, attn_mask=mask, backend=backend)
+    assert rel_err(out, reference(*inputs, mask=mask)) < 1e-5
+    q, k, v = (torch.randn(1, 4, 5, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8))
+    lam = torch.rand(1, 2, 5)
+    out = differential_attention_v2(q, k, v, lam, attn_mask=mask, backend=backend)
+    assert rel_err(out, reference_v2(q, k, v, lam, mask=mask)) < 1e-5
+
+
+HALF_PRECISION = {  # finite inputs whose logits overflow float16 or lose digits in bfloat16 (item 8)
+    "float16, q x 1e4": (torch.float16, 1e4, 1e-3),
+    "bfloat16, logits of several hundred": (torch.bfloat16, 30.0, 2e-2),
+}
+
+
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+@pytest.mark.parametrize("case", list(HALF_PRECISION))
+def test_kernel_half_precision_large_logits_stay_finite_and_close(backend, case):
+    """The reference backend is at least as robust as SDPA: finite inputs give a finite output, within the
+    half-precision rounding of the inputs of the float64 reference on the same (rounded) inputs."""
+    dtype, q_scale, tol = HALF_PRECISION[case]
+    q1, k1, q2, k2, v, lam = make_inputs(2, 2, 1, 16, 16, 8, 16, torch.float64, seed=3)
+    inputs = [(t * q_scale if i in (0, 2) else t).to(dtype) for i, t in enumerate((q1, k1, q2, k2, v, lam))]
+    assert all(torch.isfinite(t).all() for t in inputs)
+    out = differential_attention(*inputs, backend=backend)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    ref = reference(*inputs)
+    assert ((out.double() - ref).abs().max() / ref.abs().max()).item() < tol
+    q = torch.cat([q1, q1.flip(2)], 1) * q_scale  # 2h = 4 query heads on the 2 key/value heads
+    out = differential_attention_v2(q.to(dtype), k1.to(dtype), v.to(dtype), lam.to(dtype).expand(2, 2, 16),
+                                    backend=backend)
+    ref = reference_v2(q.to(dtype), k1.to(dtype), v.to(dtype), lam.to(dtype))
+    assert torch.isfinite(out).all() and ((out.double() - ref).abs().max() / ref.abs().max()).item() < tol
+
+
 # ------------------------------------------------------------------------------------------------
 # Unknown names: the error lists what is accepted and suggests the closest
 # ------------------------------------------------------------------------------------------------
@@ -417,3 +468,137 @@ def test_cli_ckpt_path_names_a_truncated_file(vit_files, tmp_path):
             str(path), *QUIET]
     with pytest.raises(CorruptCheckpointError, match=rf"cannot load checkpoint {path}: .*truncated"):
         DiffvisionCLI(args=args)
+
+
+# ------------------------------------------------------------------------------------------------
+# Bit flips, foreign files and checkpoints of another model through the CLI (issue 20, items 2, 3, 9)
+# ------------------------------------------------------------------------------------------------
+
+def _flip(src, dst, n=64):
+    """``src`` with ``n`` bytes inverted in the middle of its largest tensor: the zip stays well-formed and
+    torch.load reads it without complaint; only the member's CRC-32 tells."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as zf:
+        member = max(zf.infolist(), key=lambda i: i.file_size)
+    data = bytearray(src.read_bytes())
+    start = member.header_offset + 30 + len(member.filename.encode()) + len(member.extra)  # local header
+    middle = start + member.file_size // 2
+    data[middle:middle + n] = bytes(b ^ 0xFF for b in data[middle:middle + n])
+    dst.write_bytes(bytes(data))
+    assert torch.load(dst, map_location="cpu", weights_only=True)  # what every path did before: no error
+    return dst, member.filename
+
+
+def _cli_args(tmp_path, *extra):
+    make_cifar_npz(tmp_path / "cifar", per_class_train=2, per_class_test=1)
+    return ["--config", str(CONFIGS / "cifar10_vit.yaml"), "--attn_kind", "diff", "--data.root", str(tmp_path / "cifar"),
+            "--data.cache_dir", str(tmp_path / "cache"), "--data.num_workers", "0", "--trainer.default_root_dir",
+            str(tmp_path / "runs"), "--model.init_args.model_kwargs", "{depth: 1, embed_dim: 48}", *QUIET, *extra]
+
+
+def _trainer_resume(path):
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from diffvision.lightning import AtomicCheckpointIO
+
+    module = ImageClassifier(model_name="diff_vit_tiny_patch4_32", model_kwargs=dict(depth=1, embed_dim=48),
+                             img_size=16, num_classes=10)
+    data = DataLoader(TensorDataset(torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))), batch_size=4)
+    trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu", plugins=[AtomicCheckpointIO()])
+    trainer.fit(module, data, ckpt_path=str(path))
+
+
+BIT_FLIP_PATHS = {
+    "load_checkpoint_file": lambda path, tmp: load_checkpoint_file(path),
+    "ImageClassifier.load_from_checkpoint": lambda path, tmp: ImageClassifier.load_from_checkpoint(path),
+    "Trainer.fit(ckpt_path=...) with AtomicCheckpointIO": lambda path, tmp: _trainer_resume(path),
+    "diffvision fit --ckpt_path": lambda path, tmp: __import__("diffvision.cli").cli.DiffvisionCLI(
+        args=["fit", *_cli_args(tmp, "--ckpt_path", str(path))]),
+}
+
+
+@pytest.mark.parametrize("case", list(BIT_FLIP_PATHS))
+def test_bit_flipped_checkpoint_is_refused_naming_the_member(case, vit_files, tmp_path):
+    path, member = _flip(vit_files / "classifier.ckpt", tmp_path / "flipped.ckpt")
+    with pytest.raises(CorruptCheckpointError, match=rf"cannot load checkpoint {path}: corrupt: the archive member "
+                                                     rf"'{member}' fails its CRC check"):
+        BIT_FLIP_PATHS[case](path, tmp_path)
+
+
+FOREIGN_FILES = {  # not checkpoints at all: called corrupt, never "would import or call (unknown)"
+    "random bytes": (lambda rng: rng.bytes(5000), r"not a checkpoint: neither torch.save's zip format"),
+    "random bytes after a pickle's first byte": (lambda rng: b"\x80" + rng.bytes(5000),
+                                                 r"corrupt: its pickle stream is not readable"),
+    "random bytes after a zip signature": (lambda rng: b"PK\x03\x04" + rng.bytes(5000),
+                                           r"truncated or corrupt: torch.save's zip container is incomplete"),
+}
+
+
+@pytest.mark.parametrize("case", list(FOREIGN_FILES))
+def test_a_file_of_random_bytes_is_called_corrupt_not_unsafe(case, tmp_path):
+    make, match = FOREIGN_FILES[case]
+    path = tmp_path / "random.ckpt"
+    path.write_bytes(make(np.random.default_rng(7)))
+    with pytest.raises(CorruptCheckpointError, match=rf"cannot load checkpoint {path}: {match}"):
+        load_checkpoint_file(path)
+    with pytest.raises(CorruptCheckpointError, match=rf"cannot load checkpoint {path}: {match}"):
+        ImageClassifier.load_from_checkpoint(path)
+
+
+def test_cli_ckpt_path_of_a_plain_state_dict_says_what_it_takes(vit_files, tmp_path):
+    """A state dict is weights, not a training state: the error says so (before: KeyError 'pytorch-lightning_version')."""
+    from diffvision.cli import DiffvisionCLI
+
+    with pytest.raises(ValueError, match=rf"--ckpt_path {vit_files / 'diff.pth'} is not a Lightning checkpoint \(no "
+                                         r"'state_dict' and 'pytorch-lightning_version'; it holds a dict with keys "
+                                         r"\['blocks.0.attn.lambda_k1'.*--ckpt_path takes a last.ckpt or epoch=\*.ckpt"):
+        DiffvisionCLI(args=["fit", *_cli_args(tmp_path, "--ckpt_path", str(vit_files / "diff.pth"))])
+
+
+@pytest.fixture(scope="module")
+def standard_vit_run(tmp_path_factory):
+    """A `diffvision fit` checkpoint of a 1-block standard ViT (2 heads), and the arguments that made it."""
+    from diffvision.cli import DiffvisionCLI
+
+    d = tmp_path_factory.mktemp("standard_run")
+    make_cifar_npz(d / "cifar", per_class_train=2, per_class_test=1)
+    args = ["--data.root", str(d / "cifar"), "--data.cache_dir", str(d / "cache"), "--data.num_workers", "0",
+            "--trainer.default_root_dir", str(d / "runs"), "--trainer.limit_val_batches", "1", *QUIET]
+    vit = ["--model.init_args.model_kwargs", "{depth: 1, embed_dim: 48, num_heads: 2}"]
+    cli = DiffvisionCLI(args=["fit", "--config", str(CONFIGS / "cifar10_vit.yaml"), *args, *vit,
+                              "--trainer.max_steps", "1", "--experiment", "standard"])
+    return Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt", args
+
+
+CLI_MISMATCHES = {  # config arguments over the standard ViT's checkpoint, and what the error names
+    "DIFF config": (["--config", str(CONFIGS / "cifar10_vit.yaml"), "--config", str(CONFIGS / "kinds" / "diff.yaml"),
+                     "--model.init_args.model_kwargs", "{depth: 1, embed_dim: 48}"],
+                    r"model_name: checkpoint 'vit_tiny_patch4_32', config 'diff_vit_tiny_patch4_32'.*weights missing "
+                    r"from the checkpoint \(model.blocks.0.attn.lambda_q1"),
+    "other head count, same weight shapes": (
+        ["--config", str(CONFIGS / "cifar10_vit.yaml"), "--model.init_args.model_kwargs", "{depth: 1, embed_dim: 48, "
+                                                                                         "num_heads: 4}"],
+        r"model_kwargs: checkpoint \{'depth': 1, 'embed_dim': 48, 'num_heads': 2\}, config \{'depth': 1, "
+        r"'embed_dim': 48, 'num_heads': 4\}\. Pass the config"),
+    "a diffusion config": (["--config", str(CONFIGS / "cifar10_dit.yaml"), "--model.init_args.transformer_kwargs",
+                            "{num_layers: 1}"], r"it holds a ImageClassifier, the config builds a DiffusionModule"),
+}
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "validate"])
+@pytest.mark.parametrize("case", list(CLI_MISMATCHES))
+def test_cli_refuses_a_checkpoint_of_another_model_than_the_config(case, subcommand, standard_vit_run):
+    """Before: LightningCLI merged the checkpoint's hyper_parameters over the config, so `fit --config <DIFF>
+    --ckpt_path <ViT>` trained a standard ViT and wrote `model_name: vit_tiny_patch4_32` into config.yaml."""
+    from diffvision.cli import DiffvisionCLI
+
+    ckpt, args = standard_vit_run
+    config, match = CLI_MISMATCHES[case]
+    root = Path(args[args.index("--trainer.default_root_dir") + 1])
+    before = sorted(root.rglob("*"))
+    with pytest.raises(ValueError, match=rf"(?s)--ckpt_path {ckpt} does not fit the model the config builds: {match}"):
+        DiffvisionCLI(args=[subcommand, *config, *args, "--ckpt_path", str(ckpt), "--experiment", "other"])
+    assert not [p for p in sorted(root.rglob("*")) if p not in before and p.is_file() and p.name != ".writer.lock"]

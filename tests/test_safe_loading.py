@@ -195,6 +195,67 @@ def test_cli_ckpt_path_refuses_a_pickle_with_code(tmp_path):
     assert not marker.exists()
 
 
+HELPER = """
+open({marker!r}, "w").close()  # importing this module is running code
+from diffvision.lightning import ImageClassifier
+Optimizer = None
+"""
+# where a checkpoint's hyper_parameters name a class, and what the CLI must then do
+NAMED_CLASSES = {
+    "_class_path: a module beside the checkpoint": ("_class_path", "helpers_for_model.ImageClassifier", True),
+    "_class_path: an installed module (this.Zen)": ("_class_path", "this.Zen", True),
+    "optimizer class_path: a module beside the checkpoint": ("optimizer", "helpers_for_model.Optimizer", False),
+}
+
+
+@pytest.fixture(scope="module")
+def cli_checkpoint(tmp_path_factory):
+    """A real `diffvision fit` checkpoint (one step of a tiny ViT) and the CLI arguments that made it."""
+    from diffvision.cli import DiffvisionCLI
+
+    d = tmp_path_factory.mktemp("cli_ckpt")
+    make_cifar_npz(d / "cifar", per_class_train=2, per_class_test=1)
+    args = ["--config", str(CONFIGS / "cifar10_vit.yaml"), "--data.root", str(d / "cifar"), "--data.cache_dir",
+            str(d / "cache"), "--data.num_workers", "0", "--trainer.default_root_dir", str(d / "runs"),
+            "--model.init_args.model_kwargs", "{depth: 1, embed_dim: 48}", "--trainer.limit_val_batches", "1", *QUIET]
+    cli = DiffvisionCLI(args=["fit", *args, "--trainer.max_steps", "1"])
+    return Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt", args
+
+
+@pytest.mark.parametrize("case", list(NAMED_CLASSES))
+def test_cli_never_imports_a_class_a_checkpoint_names(case, cli_checkpoint, tmp_path, monkeypatch):
+    """LightningCLI resolves a checkpoint's hyper_parameters by importing the classes they name; a checkpoint that
+    passes weights_only=True could so run `helpers_for_model.py` from the current directory (issue 20, item 1).
+    diffvision's CLI refuses a foreign ``_class_path`` and never takes a class from a checkpoint at all."""
+    import sys
+
+    from diffvision.cli import DiffvisionCLI
+    from diffvision.models import UnsafeCheckpointError
+
+    key, class_path, refused = NAMED_CLASSES[case]
+    source, args = cli_checkpoint
+    checkpoint = torch.load(source, map_location="cpu", weights_only=True)
+    hparams = checkpoint["hyper_parameters"]
+    assert hparams["_class_path"] == "diffvision.lightning.ImageClassifier"  # what LightningCLI saves
+    hparams[key] = class_path if key == "_class_path" else {"class_path": class_path, "init_args": {}}
+    ckpt = tmp_path / "model.ckpt"
+    torch.save(checkpoint, ckpt)
+    marker = tmp_path / "ran"
+    (tmp_path / "helpers_for_model.py").write_text(HELPER.format(marker=str(marker)))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    imported_before = set(sys.modules)
+    if refused:
+        with pytest.raises(UnsafeCheckpointError, match=rf"refused --ckpt_path {ckpt}: its hyper_parameters name "
+                                                        rf"the class '{class_path}'"):
+            DiffvisionCLI(args=["validate", *args, "--ckpt_path", str(ckpt)])
+    else:  # the config's optimizer, not the checkpoint's: validates as usual
+        cli = DiffvisionCLI(args=["validate", *args, "--ckpt_path", str(ckpt)])
+        assert torch.isfinite(cli.trainer.callback_metrics["val/loss"])
+    assert not marker.exists()
+    assert {"helpers_for_model", "this"}.isdisjoint(set(sys.modules) - imported_before)
+
+
 # ------------------------------------------------------------------------------------------------
 # Our own checkpoints load weights-only; exports are safetensors
 # ------------------------------------------------------------------------------------------------

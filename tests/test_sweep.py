@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +18,7 @@ import yaml
 from _training_data import CONFIGS, QUIET, make_cifar_npz
 from diffvision.experiments import specs, sweep
 from diffvision.lightning import read_epoch_metrics
+from diffvision.run_lock import RunDirLock, lock_holder
 
 
 def write_spec(path: Path, **overrides) -> Path:
@@ -168,3 +174,69 @@ def test_fid_eval_of_a_checkpoint(tmp_path):
     assert grid.size == (2 * 33 + 1, 10 * 33 + 1)
     with pytest.raises(SystemExit):
         fid_eval.main([str(tmp_path / "missing.ckpt")])
+
+
+PAUSE = (Path(__file__).parent / "_fault_callbacks.py").read_text()  # written as pause.py beside a run
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_sigterm_stops_the_sweep_and_kills_its_fits(tmp_path):
+    """A SIGTERM (a job scheduler's stop) used to kill the sweep alone: its fit, in a process group of its own,
+    kept training, and a restarted sweep started a second fit into the same run directory."""
+    data = make_cifar_npz(tmp_path / "cifar", per_class_train=4, per_class_test=2)
+    spec_path = write_spec(tmp_path / "s.yaml", arms={"standard": "vit_tiny_patch4_32"}, epochs={1.0: 2}, seeds=[0])
+    (tmp_path / "pause.py").write_text(PAUSE)
+    flags = tmp_path / "flags"
+    flags.mkdir()
+    extra = ["--data.root", str(data), "--data.cache_dir", str(tmp_path / "cache"), "--data.num_workers", "0",
+             "--data.batch_size", "10", "--trainer.precision", "32-true",
+             "--model.init_args.model_kwargs", "{depth: 1, embed_dim: 32, num_heads: 1}", *QUIET,
+             "--trainer.callbacks+=pause.PauseAtStep", "--trainer.callbacks.step", "2",
+             "--trainer.callbacks.flags", str(flags)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(specs.REPO), os.environ.get("PYTHONPATH", "")])}
+    sweeper = subprocess.Popen([sys.executable, str(specs.REPO / "train" / "sweep.py"), str(spec_path), "--root",
+                                str(tmp_path / "runs"), "--gpus", "--", *extra], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    fit_pid = None
+    try:
+        deadline = time.time() + 180
+        while not (flags / "ready").exists():
+            assert sweeper.poll() is None and time.time() < deadline, sweeper.communicate()[0][-3000:]
+            time.sleep(0.1)
+        fit_pid = int((flags / "ready").read_text())
+        sweeper.send_signal(signal.SIGTERM)
+        out, _ = sweeper.communicate(timeout=60)
+        assert sweeper.returncode == 128 + signal.SIGTERM, out[-3000:]
+        assert "stopped standard_f100_s0 (SIGTERM)" in out and "terminated by SIGTERM" in out
+        assert not _alive(fit_pid)  # killed with the sweep, not left training
+        assert lock_holder(tmp_path / "runs" / "standard_f100_s0" / "version_0") is None
+    finally:
+        (flags / "go").touch()
+        if fit_pid is not None and _alive(fit_pid):
+            os.kill(fit_pid, signal.SIGKILL)
+        if sweeper.poll() is None:
+            sweeper.kill()
+
+
+def test_a_job_whose_run_directory_has_a_live_writer_is_skipped(tmp_path, capsys):
+    """A fit still running from a SIGKILLed sweep holds its run directory: the restarted sweep must not
+    start a second fit into it (before: 11 steps and a validation logged twice, and the job reported done)."""
+    spec_path = write_spec(tmp_path / "s.yaml", arms={"standard": "vit_tiny_patch4_32"}, epochs={1.0: 1}, seeds=[0])
+    root = tmp_path / "runs"
+    run_dir = root / "standard_f100_s0" / "version_0"
+    lock = RunDirLock(run_dir).acquire()  # the orphaned fit
+    try:
+        status = sweep.run_sweep(specs.load_spec(spec_path), specs.build_jobs(
+            specs.load_spec(spec_path), root, None, None, None, []), [None], 1, None, None)
+    finally:
+        lock.release()
+    assert status == {"standard_f100_s0": "running elsewhere"}
+    assert f"skip standard_f100_s0: {run_dir} is being written by pid {os.getpid()}" in capsys.readouterr().out
+    assert not (root / "standard_f100_s0" / "fit.log").exists() and not (root / "standard_f100_s0" / "attempts.json").exists()

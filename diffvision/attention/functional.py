@@ -184,6 +184,21 @@ def exporting() -> bool:
     return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.compiler.is_exporting()
 
 
+def _at_least_2d(attn_mask: Optional[Tensor]) -> Optional[Tensor]:
+    """A 0-d or (M,) mask as (1, 1) / (1, M): it broadcasts the same, and SDPA indexes a mask's last two dims."""
+    if attn_mask is None or attn_mask.dim() >= 2:
+        return attn_mask
+    return attn_mask.reshape((1,) * (2 - attn_mask.dim()) + tuple(attn_mask.shape))
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for float16 / bfloat16: the maps' logits and softmax overflow or round badly in half
+    precision (q·k of 1e4 is inf in float16), where SDPA's kernels accumulate in float32 too."""
+    if dtype == torch.float16 or dtype == torch.bfloat16:
+        return torch.float32
+    return dtype
+
+
 def _lam_view(lam: Tensor, dtype: torch.dtype) -> Tensor:
     """lam as a (1, Hs, 1, 1) or 0-d tensor in the output dtype."""
     lam = lam.to(dtype)
@@ -192,15 +207,17 @@ def _lam_view(lam: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _math(q1: Tensor, k1: Tensor, q2: Tensor, k2: Tensor, v: Tensor, lam: Tensor, attn_mask: Optional[Tensor],
           is_causal: bool, dropout_p: float, scale: float) -> Tensor:
+    dtype, compute = q1.dtype, _compute_dtype(q1.dtype)
+    q1, k1, q2, k2, v = q1.to(compute), k1.to(compute), q2.to(compute), k2.to(compute), v.to(compute)
     group = q1.shape[1] // q2.shape[1]
     q2 = q2.repeat_interleave(group, dim=1)
     k2 = k2.repeat_interleave(group, dim=1)
-    bias = attention_bias(attn_mask, is_causal, q1.shape[2], k1.shape[2], q1.dtype, q1.device)
+    bias = attention_bias(attn_mask, is_causal, q1.shape[2], k1.shape[2], compute, q1.device)
     a1, a2 = softmax_maps(q1, k1, scale, bias), softmax_maps(q2, k2, scale, bias)
     if dropout_p > 0.0:
         # Each map is dropped independently, exactly as two SDPA calls with dropout do.
         a1, a2 = F.dropout(a1, dropout_p), F.dropout(a2, dropout_p)
-    return (a1 - _lam_view(lam, a1.dtype) * a2) @ v
+    return ((a1 - _lam_view(lam, compute) * a2) @ v).to(dtype)
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -305,13 +322,15 @@ def _auto_backend(q1, k1, q2, k2, v, attn_mask, dropout_p) -> str:
 
 def _v2_math(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
              dropout_p: float, scale: float) -> Tensor:
+    dtype, compute = q.dtype, _compute_dtype(q.dtype)
+    q, k, v = q.to(compute), k.to(compute), v.to(compute)
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    maps = softmax_maps(q, k, scale, attention_bias(attn_mask, is_causal, q.shape[2], k.shape[2], q.dtype, q.device))
+    maps = softmax_maps(q, k, scale, attention_bias(attn_mask, is_causal, q.shape[2], k.shape[2], compute, q.device))
     if dropout_p > 0.0:
         maps = F.dropout(maps, dropout_p)  # each query head's map on its own, as one SDPA call drops them
     # heads 2i and 2i+1 read the same value head (they share a GQA group)
-    return (maps[:, 0::2] - lam.unsqueeze(-1).to(maps.dtype) * maps[:, 1::2]) @ v[:, 0::2]
+    return ((maps[:, 0::2] - lam.unsqueeze(-1).to(compute) * maps[:, 1::2]) @ v[:, 0::2]).to(dtype)
 
 
 def _v2_sdpa(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
@@ -378,7 +397,8 @@ def differential_attention_v2(
     """
     _validate_v2(q, k, v, lam, attn_mask, is_causal, dropout_p, scale, backend)
     return differential_attention_v2_unchecked(
-        q, k, v, lam, attn_mask, is_causal, float(dropout_p), None if scale is None else float(scale), backend)
+        q, k, v, lam, _at_least_2d(attn_mask), is_causal, float(dropout_p), None if scale is None else float(scale),
+        backend)
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
@@ -424,6 +444,7 @@ def differential_attention(
         ``(B, Hs, N, dv)``. A query row whose keys are all masked out gives zeros.
     """
     _validate(q1, k1, q2, k2, v, lam, attn_mask, is_causal, dropout_p, scale, backend)
+    attn_mask = _at_least_2d(attn_mask)
     if scale is None:
         scale = 1.0 / math.sqrt(q1.shape[-1])
     if backend == "auto":

@@ -330,7 +330,10 @@ class ImageDataModule(pl.LightningDataModule):
         if log_dir and trainer.is_global_zero:
             path = Path(log_dir) / SUBSET_FILENAME
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(self.subset_summary(train_labels), indent=1))
+            # written beside it, then renamed over it: a kill mid-write leaves no empty or half file
+            partial = path.with_name(f".{path.name}.partial")
+            partial.write_text(json.dumps(self.subset_summary(train_labels), indent=1))
+            os.replace(partial, path)
 
     # ---- checkpoints: a resumed run must train on the same subset ---------------------------------
 

@@ -9,6 +9,10 @@ The jobs come from a spec (``diffvision.experiments.specs``); each runs as its o
   sweep is counted too);
 * ``--time-limit`` stops the sweep cleanly before an outer limit (a job scheduler's, a lent machine's):
   running jobs are killed and resume next time; none is started that cannot finish by its estimated cost;
+  SIGTERM, SIGHUP and Ctrl-C stop it the same way (each fit runs in its own process group, which is
+  killed: no fit outlives the sweep unless the sweep itself is SIGKILLed);
+* a job whose run directory is locked by a live writer (``diffvision.run_lock``: e.g. a fit left running
+  by a SIGKILLed sweep) is skipped, never started a second time into the same directory;
 * jobs run longest-first on ``--jobs-per-gpu`` slots per GPU (``CUDA_VISIBLE_DEVICES``); small models
   leave a GPU mostly idle, so several share one.
 
@@ -24,10 +28,13 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
+
+from diffvision.run_lock import lock_holder
 
 from .results import (classification_result, generation_result, headline_text, latest_version, run_record,
                       save_result)
@@ -116,6 +123,25 @@ class Running:
     beat: float                # when attempts.json was last written (the attempt's start, then heartbeats)
 
 
+def run_dir_writer(job: Job) -> Optional[str]:
+    """Who is writing one of ``job``'s run directories now, or None."""
+    for run_dir in sorted(job.dir.glob("version_*")):
+        holder = lock_holder(run_dir)
+        if holder is not None:
+            return f"{run_dir} is being written by {holder}"
+    return None
+
+
+class _Terminated(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _terminate(signum, frame):
+    raise _Terminated(signum)
+
+
 def launch(command: list[str], job: Job, gpu: Optional[str], stage: str) -> tuple[subprocess.Popen, Any]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if gpu is not None:
@@ -148,6 +174,12 @@ def run_sweep(spec: dict, jobs: list[Job], gpus: list[Optional[str]], jobs_per_g
     pending = [j for j in jobs if not j.done]
     slots: list[Optional[Running]] = [None] * (len(gpus) * jobs_per_gpu)
     t0 = time.time()
+    # SIGTERM / SIGHUP (a job scheduler, a closed terminal) stop the sweep as Ctrl-C does: its fits run in
+    # their own process groups (a Ctrl-C in the terminal must not reach them mid-write), so they would
+    # otherwise outlive it and a restarted sweep would find their directories busy.
+    stop_signals = (signal.SIGTERM, signal.SIGHUP)
+    handlers = ({sig: signal.signal(sig, _terminate) for sig in stop_signals}
+                if threading.current_thread() is threading.main_thread() else {})
     try:
         while pending or any(slots):
             for i, running in enumerate(slots):
@@ -191,6 +223,11 @@ def run_sweep(spec: dict, jobs: list[Job], gpus: list[Optional[str]], jobs_per_g
                         break
                     job = fitting[0]
                 pending.remove(job)
+                writer = run_dir_writer(job)
+                if writer is not None:
+                    status[job.name] = "running elsewhere"
+                    print(f"[sweep] skip {job.name}: {writer} (a fit of an earlier sweep still running?)", flush=True)
+                    continue
                 command = fit_command(spec, job)
                 proc, log = launch(command, job, gpus[i // jobs_per_gpu], "fit")
                 print(f"[sweep] start {job.name} on {'GPU ' + gpus[i // jobs_per_gpu] if gpus[0] is not None else 'CPU'}",
@@ -207,15 +244,26 @@ def run_sweep(spec: dict, jobs: list[Job], gpus: list[Optional[str]], jobs_per_g
             if time_limit is not None and rate is not None and not any(slots) and pending:
                 break  # nothing left that fits
             time.sleep(1.0)
-    except (KeyboardInterrupt, TimeoutError) as err:
-        why = "time limit" if isinstance(err, TimeoutError) else "interrupted"
+    except (KeyboardInterrupt, TimeoutError, _Terminated) as err:
+        for sig in handlers:
+            signal.signal(sig, signal.SIG_IGN)  # a second signal must not cut the clean-up short
+        why = "time limit" if isinstance(err, TimeoutError) else f"{err}" if isinstance(err, _Terminated) else "interrupted"
         for running in filter(None, slots):
-            os.killpg(running.proc.pid, signal.SIGKILL)
+            try:
+                os.killpg(running.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:  # it had just ended
+                pass
             running.proc.wait()
             running.log.close()
             record_attempt(running.job, time.time())
             status[running.job.name] = "stopped"
             print(f"[sweep] stopped {running.job.name} ({why}); it resumes from last.ckpt next time", flush=True)
+        if isinstance(err, _Terminated):
+            print(f"[sweep] terminated by {err}", flush=True)
+            raise SystemExit(128 + err.signum) from None
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     for job in pending:
         status.setdefault(job.name, "not started")
     return status

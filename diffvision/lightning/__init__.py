@@ -3,7 +3,9 @@
 ``GaussianDiffusionTerms`` is defined in :mod:`diffvision.diffusion` and re-exported here under its old name.
 """
 from ..diffusion.gaussian_diffusion import GaussianDiffusionTerms
-from .callbacks import ExportOnFitEnd, LastCheckpoint, PredictionWriter, StopAfterEpochs, export_module
+from .callbacks import (DivergenceGuard, ExportOnFitEnd, LastCheckpoint, PredictionWriter, StopAfterEpochs,
+                        TrainingDivergedError, export_module)
+from .checkpoint_io import AtomicCheckpointIO
 from .classifier import ImageClassifier, create_classifier
 from .diffusion import DiffusionModule
 from .fid import FIDDuringValidation
@@ -12,7 +14,9 @@ from .loggers import ResumableCSVLogger, read_epoch_metrics, wait_past_event_fil
 from .optim import lr_factor, param_groups
 
 __all__ = [
+    "AtomicCheckpointIO",
     "DiffusionModule",
+    "DivergenceGuard",
     "ExportOnFitEnd",
     "FIDDuringValidation",
     "GaussianDiffusionTerms",
@@ -22,6 +26,7 @@ __all__ = [
     "PredictionWriter",
     "ResumableCSVLogger",
     "StopAfterEpochs",
+    "TrainingDivergedError",
     "create_classifier",
     "export_module",
     "lr_factor",

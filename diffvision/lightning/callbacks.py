@@ -11,12 +11,15 @@ from pathlib import Path
 from typing import Optional
 
 import lightning.pytorch as pl
+import torch
 from fsspec.utils import get_protocol
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
 
 from ..models import load_checkpoint_file
+from .checkpoint_io import AtomicCheckpointIO, checkpoint_write_error, partial_path
 
-__all__ = ["ExportOnFitEnd", "LastCheckpoint", "PredictionWriter", "StopAfterEpochs", "export_module"]
+__all__ = ["DivergenceGuard", "ExportOnFitEnd", "LastCheckpoint", "PredictionWriter", "StopAfterEpochs",
+           "TrainingDivergedError", "export_module"]
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +62,9 @@ class LastCheckpoint(ModelCheckpoint):
     Writes are atomic on local disks: the checkpoint goes to ``.last.ckpt.partial`` in the same
     directory and then replaces ``last.ckpt`` (``os.replace``), so a crash, a kill or a full disk
     while writing leaves the previous ``last.ckpt`` whole. A failed write removes the partial file
-    and raises an ``OSError`` naming the checkpoint and the free space.
+    and raises an ``OSError`` naming the checkpoint and the free space. Under the CLI's
+    ``AtomicCheckpointIO`` (which does the same for every checkpoint) the write is left to it.
     """
-
-    PARTIAL_SUFFIX = ".partial"
 
     def __init__(self, dirpath: Optional[str] = None, every_n_epochs: int = 1, **kwargs) -> None:
         if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
@@ -85,10 +87,11 @@ class LastCheckpoint(ModelCheckpoint):
                 or (max_steps is not None and max_steps >= 0 and trainer.global_step >= max_steps))
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
-        if get_protocol(str(filepath)) != "file":
-            return super()._save_checkpoint(trainer, filepath)  # object stores: whole-object uploads
+        if get_protocol(str(filepath)) != "file" or isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO):
+            # object stores: whole-object uploads; AtomicCheckpointIO (the CLI's): atomic already
+            return super()._save_checkpoint(trainer, filepath)
         path = Path(filepath)
-        partial = path.with_name(f".{path.name}{self.PARTIAL_SUFFIX}")
+        partial = partial_path(path)
         try:
             trainer.save_checkpoint(partial, self.save_weights_only)  # every rank: strategies gather here
             if trainer.is_global_zero:
@@ -101,16 +104,96 @@ class LastCheckpoint(ModelCheckpoint):
                     shutil.rmtree(partial, ignore_errors=True)
                 elif partial.exists():
                     partial.unlink()
-            free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else None
-            intact = "the previous one is intact" if path.exists() else "there is no earlier one"
-            raise OSError(err.errno, f"writing checkpoint {path} failed ({err.strerror or err}; "
-                                     f"{free if free is not None else '?'} bytes free there); {intact}",
-                          str(path)) from err
+            raise checkpoint_write_error(path, err) from err
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(weakref.proxy(self))
+
+
+class TrainingDivergedError(FloatingPointError):
+    """Training produced a non-finite loss or non-finite weights (or started from them)."""
+
+
+def _non_finite_parameters(module: torch.nn.Module) -> list[str]:
+    return [name for name, p in module.named_parameters() if not bool(torch.isfinite(p).all())]
+
+
+class DivergenceGuard(Callback):
+    """Stop ``fit`` with ``TrainingDivergedError`` once training has diverged, before a non-finite state
+    is saved: a checkpoint written earlier (``last.ckpt``) keeps the last finite weights.
+
+    * every training step's loss is checked; the check is accumulated on the device and read every
+      ``check_every_n_steps`` steps (default: ``trainer.log_every_n_steps``), as each read waits for a GPU;
+    * before any checkpoint is written (``on_save_checkpoint``) the pending loss check is read and every
+      parameter must be finite, so no checkpoint callback ever saves a diverged state;
+    * training must start from finite weights: resuming a checkpoint of a diverged run is refused.
+
+    With float16 mixed precision a non-finite loss can be a scaler overflow (the GradScaler skips that
+    step and lowers its scale), so there only non-finite weights stop training.
+    """
+
+    def __init__(self, check_every_n_steps: Optional[int] = None) -> None:
+        if check_every_n_steps is not None and (isinstance(check_every_n_steps, bool) or not isinstance(
+                check_every_n_steps, int) or check_every_n_steps < 1):
+            raise ValueError(f"check_every_n_steps must be a positive int or None, got {check_every_n_steps!r}")
+        self.check_every_n_steps = check_every_n_steps
+        self._bad_steps: Optional[torch.Tensor] = None   # per process: steps with a non-finite loss
+        self._first_bad: Optional[torch.Tensor] = None   # the first of them (-1: none)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._bad_steps = self._first_bad = None
+        bad = _non_finite_parameters(pl_module)
+        if bad:
+            raise TrainingDivergedError(
+                f"the model's weights are not finite before training starts ({len(bad)} parameter tensors, e.g. "
+                f"{bad[0]!r}): the checkpoint resumed ({trainer.ckpt_path}) comes from a diverged run; resume from "
+                f"an earlier checkpoint with a lower learning rate")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if not isinstance(loss, torch.Tensor) or getattr(trainer.precision_plugin, "scaler", None) is not None:
+            return
+        bad = ~torch.isfinite(loss.detach()).all()
+        step = torch.tensor(trainer.global_step, device=bad.device)
+        if self._bad_steps is None:
+            self._bad_steps, self._first_bad = bad.long(), torch.where(bad, step, -1)
+        else:
+            self._first_bad = torch.where((self._first_bad < 0) & bad, step, self._first_bad)
+            self._bad_steps = self._bad_steps + bad.long()
+        every = self.check_every_n_steps or max(1, trainer.log_every_n_steps)
+        if trainer.global_step % every == 0:
+            self._check(trainer, pl_module, weights=False)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check(trainer, pl_module, weights=False)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        self._check(trainer, pl_module, weights=True)
+
+    def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, weights: bool) -> None:
+        where = f"epoch {trainer.current_epoch}, step {trainer.global_step}"
+        bad_steps = int(self._bad_steps) if self._bad_steps is not None else 0
+        what = None
+        # every rank checks at the same steps; one rank's bad loss must stop them all, not leave them waiting
+        if trainer.strategy.reduce_boolean_decision(bad_steps > 0, all=False):
+            what = (f"the training loss was not finite at {bad_steps} steps, the first at step {int(self._first_bad)} "
+                    f"(now at {where})" if bad_steps else f"the training loss was not finite on another process "
+                                                           f"(now at {where})")
+        elif weights:
+            bad = _non_finite_parameters(pl_module)
+            if bad:
+                what = f"{len(bad)} parameter tensors are not finite at {where} (e.g. {bad[0]!r})"
+        if what is None:
+            return
+        kept = [Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}" for cb in trainer.checkpoint_callbacks
+                if isinstance(cb, LastCheckpoint) and cb.dirpath]
+        kept = [p for p in kept if p.is_file()]
+        saved = (f"{kept[0]} keeps the last finite state" if kept else "no checkpoint had been written yet")
+        raise TrainingDivergedError(
+            f"training diverged: {what}. Stopped before saving a non-finite state; {saved}. Lower the learning rate "
+            f"(or add warmup / gradient clipping) and resume from it")
 
 
 class StopAfterEpochs(Callback):

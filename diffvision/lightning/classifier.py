@@ -111,6 +111,8 @@ class ImageClassifier(WeightsOnlyLoading, pl.LightningModule):
             by the CLI), written into exports as timm ``label_names`` and pretrained_cfg mean / std.
     """
 
+    ARCHITECTURE_HPARAMS = ("model_name", "model_kwargs", "num_classes", "img_size", "in_chans")
+
     def __init__(
         self,
         model_name: str = "diff_vit_tiny_patch4_32",

@@ -89,6 +89,9 @@ class DiffusionModule(WeightsOnlyLoading, pl.LightningModule):
         attention_type: the old name of ``attn_kind``, read from configs and checkpoints made before the rename.
     """
 
+    ARCHITECTURE_HPARAMS = ("preset", "attn_kind", "transformer_kwargs", "learn_sigma", "num_classes", "img_size",
+                            "in_chans")
+
     def __init__(
         self,
         preset: str = "DiT-S/2",
