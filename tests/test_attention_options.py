@@ -114,7 +114,7 @@ def test_options_reach_every_block_of_the_timm_and_dit_models(tmp_path):
     assert all(b.attn.layout["lambda_mode"] == "scalar" and b.attn.sub_norm is None for b in vit.blocks)
     assert all(torch.equal(b.attn.lambda_scalar, torch.full((2,), 0.8)) for b in vit.blocks)  # timm's init kept it
     assert {f"blocks.{i}.attn.lambda_scalar" for i in range(2)} <= vit.no_weight_decay()
-    fixed = timm.create_model("diff_vit_tiny_patch4_32", depth=2, lambda_mode="fixed")
+    fixed = timm.create_model("diff_vit_tiny_patch4_32", depth=2, lambda_init="schedule", lambda_mode="fixed")
     assert lambda_names(fixed) == [] and fixed.blocks[1].attn.lambda_init == lambda_init_schedule(1)
 
     dit = DiffDiTTransformer2DModel(num_attention_heads=6, attention_head_dim=8, in_channels=3, num_layers=2,
@@ -145,8 +145,9 @@ def fit_one_step(config, data, root, *extra):
 
 
 CLASSIFIER_OPTIONS = {  # model_kwargs -> what the built attention layout must say
-    "lambda_init": ("lambda_init: 0.8", {"lambda_init": 0.8}),
-    "fixed": ("lambda_init: 0.8, lambda_mode: fixed", {"lambda_mode": "fixed", "lambda_init": 0.8}),
+    "lambda_init": ("lambda_init: 0.5", {"lambda_init": 0.5}),
+    "fixed": ("lambda_init: 0.5, lambda_mode: fixed", {"lambda_mode": "fixed", "lambda_init": 0.5}),
+    "reparam": ("lambda_mode: reparam", {"lambda_mode": "reparam"}),
     "scalar": ("lambda_mode: scalar", {"lambda_mode": "scalar"}),
     "head_norm": ("head_norm: false", {"head_norm": False}),
     "backend": ("attn_backend: math", {"backend": "math"}),

@@ -311,7 +311,8 @@ def test_lr_schedule_warmup_then_decay(schedule):
 
 
 def test_weight_decay_skips_norms_biases_lambdas_and_position_embeddings():
-    module = ImageClassifier("diff_vit_tiny_patch4_32", {"depth": 1, "embed_dim": 48}, num_classes=10, img_size=16)
+    module = ImageClassifier("diff_vit_tiny_patch4_32", {"depth": 1, "embed_dim": 48, "lambda_mode": "reparam"},
+                             num_classes=10, img_size=16)  # learned λ: λ vectors to keep out of the decay
     module._trainer = fake_trainer(10, 5)
     groups = module.configure_optimizers()["optimizer"].param_groups
     names = {id(p): n for n, p in module.model.named_parameters()}

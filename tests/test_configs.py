@@ -12,7 +12,7 @@ import yaml
 
 from _configs import config_args
 from _training_data import CONFIGS, QUIET, REPO, make_cifar_npz
-from diffvision.attention import ATTN_KINDS
+from diffvision.attention import ATTN_KINDS, VISION_OPTIONS
 from diffvision.cli import DiffvisionCLI
 from diffvision.models import twin_model
 
@@ -82,7 +82,9 @@ def test_kind_overlay_sets_the_diffusion_models_attn_kind(kind, cifar, tmp_path)
 def test_head_counts_of_the_recipe_become_the_kinds(cifar, tmp_path):
     heads = ["--model.init_args.model_kwargs", "{depth: 1, embed_dim: 96, num_heads: 6}"]
     cli = build([*config_args("cifar10_vit"), "--attn_kind", "gda"], cifar, tmp_path, *heads)
-    assert cli.model.hparams.model_kwargs == {"depth": 1, "embed_dim": 96, "num_heads": 4, "noise_heads": 2}
+    # the heads translated, and the model's λ / head-norm choices recorded (VISION_OPTIONS)
+    assert cli.model.hparams.model_kwargs == {"depth": 1, "embed_dim": 96, "num_heads": 4, "noise_heads": 2,
+                                              **VISION_OPTIONS}
     layout = cli.model.model.attn_layout
     assert (layout["attn_kind"], layout["signal_heads"], layout["noise_heads"]) == ("gda", 4, 2)
 

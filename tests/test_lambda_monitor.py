@@ -45,7 +45,7 @@ def _reparam_lambda(attn) -> float:
 
 @pytest.mark.parametrize("model_name", ["diff_vit_tiny_patch4_32", "gda_vit_tiny_patch4_32"])
 def test_logged_lambda_is_the_papers_reparameterisation(tmp_path, model_name):
-    module, metrics, _ = _fit(tmp_path, model_name)
+    module, metrics, _ = _fit(tmp_path, model_name, lambda_init="schedule", lambda_mode="reparam")
     final = metrics[EPOCHS - 1]
     expected = [_reparam_lambda(block.attn) for block in module.model.blocks]
     assert lambda_per_layer(final) == pytest.approx(expected, rel=1e-6, abs=1e-7)
@@ -86,7 +86,7 @@ def test_standard_attention_logs_no_lambda_and_result_says_none(tmp_path):
 
 
 def test_result_record_takes_lambda_of_the_last_epoch(tmp_path):
-    _, metrics, _ = _fit(tmp_path, "diff_vit_tiny_patch4_32", lambda_init=0.5)
+    _, metrics, _ = _fit(tmp_path, "diff_vit_tiny_patch4_32", lambda_init=0.5, lambda_mode="reparam")
     record = run_record("classification", metrics, kind="diff", fraction=1.0, seed=0, epochs=EPOCHS, params=1,
                         wall_s=1.0, attempts=1, device="CPU", command="", log_dir=str(tmp_path))
     assert record["lambda_per_layer"] == [metrics[EPOCHS - 1][f"lambda/layer_{i}"] for i in range(DEPTH)]

@@ -349,12 +349,12 @@ def vit_files(tmp_path_factory):
 
 
 def test_diff_checkpoint_into_standard_vit_via_timm_pretrained_file(vit_files):
-    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\) in state_dict: .*blocks\.0\.attn\.lambda_k1"):
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\) in state_dict: .*blocks\.0\.attn\.sub_norm\.weight"):
         vit("vit_tiny_patch4_32", pretrained=True, pretrained_cfg_overlay=dict(file=str(vit_files / "diff.safetensors")))
 
 
 def test_diff_checkpoint_into_standard_vit_via_load_standard_vit_weights(vit_files):
-    with pytest.raises(ValueError, match=r"does not fit the model.*:\n  blocks\.0\.attn\.lambda_q1: not in the model"):
+    with pytest.raises(ValueError, match=r"does not fit the model.*:\n  blocks\.0\.attn\.sub_norm\.weight: not in the model"):
         load_standard_vit_weights(vit("vit_tiny_patch4_32"), vit_files / "diff.pth")
 
 
@@ -400,8 +400,13 @@ def test_dit_checkpoint_of_another_width(tmp_path):
 
 def test_lightning_checkpoint_into_another_architecture(vit_files):
     ckpt = vit_files / "classifier.ckpt"
-    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\) in state_dict: .*model\.blocks\.0\.attn\.lambda"):
+    # the checkpoint records its DIFF model's λ choices, which a standard ViT does not take
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'lambda_init'"):
         ImageClassifier.load_from_checkpoint(ckpt, model_name="vit_tiny_patch4_32")
+    kwargs = {k: v for k, v in torch.load(ckpt, weights_only=True)["hyper_parameters"]["model_kwargs"].items()
+              if not k.startswith(("lambda_", "head_norm"))}
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\) in state_dict: .*model\.blocks\.0\.attn\.sub_norm"):
+        ImageClassifier.load_from_checkpoint(ckpt, model_name="vit_tiny_patch4_32", model_kwargs=kwargs)
     with pytest.raises(RuntimeError, match=r"size mismatch for model\.patch_embed\.proj\.weight: .*\[48, 3, 4, 4\]"
                                            r".*\[96, 3, 4, 4\]"):
         ImageClassifier.load_from_checkpoint(ckpt, model_kwargs=dict(depth=1, embed_dim=96))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import timm
 import timm.optim
 import diffvision  # registers the models
-from diffvision.attention import lambda_init_schedule
+from diffvision.attention import PAPER_OPTIONS, VISION_OPTIONS, lambda_init_schedule
 from diffvision.models import DiffVisionTransformer, load_standard_vit_weights
 from timm.models import save_for_hf
 
@@ -55,7 +55,12 @@ def patch_of(name):
 
 
 def small_kwargs(name):
-    return dict(img_size=2 * patch_of(name) if 'patch16' in name else 4 * patch_of(name), depth=DEPTH)
+    kwargs = dict(img_size=2 * patch_of(name) if 'patch16' in name else 4 * patch_of(name), depth=DEPTH)
+    if kind_of(name) in ('diff', 'gda'):
+        # the paper's learned λ: the most machinery (λ vectors, their init, decay and grouping) under test; the
+        # models' own defaults are tested in test_vision_defaults.py
+        kwargs.update(PAPER_OPTIONS)
+    return kwargs
 
 
 def grid_of(name):
@@ -140,8 +145,12 @@ def test_default_cfg_and_full_size_layout(name):
     assert (layout['signal_heads'], layout['noise_heads'], layout['head_dim'], layout['value_head_dim']) \
         == (hs, hn, d, dv)
     assert ('DIFF' if kind == 'diff' else 'grouped differential') in cfg['description']
-    for i, blk in enumerate(m.blocks):
-        assert blk.attn.lambda_init == pytest.approx(lambda_init_schedule(i))  # λinit follows depth
+    for blk in m.blocks:  # the vision defaults (docs/variant_study.md): λ = 0.8 fixed, head norm
+        assert (blk.attn.lambda_init, blk.attn.lambda_mode, blk.attn.head_norm_enabled) == \
+            (VISION_OPTIONS['lambda_init'], VISION_OPTIONS['lambda_mode'], VISION_OPTIONS['head_norm'])
+    paper = timm.create_model(name, device='meta', **PAPER_OPTIONS)
+    for i, blk in enumerate(paper.blocks):
+        assert blk.attn.lambda_init == pytest.approx(lambda_init_schedule(i))  # the paper's λinit follows depth
 
 
 @pytest.mark.parametrize('name', DIFF_NAMES + GDA_NAMES + DIFFV2_NAMES)
@@ -153,8 +162,11 @@ def test_parameter_count_within_one_percent_of_standard_twin(name):
         assert n - n_twin == 12 * WIDTH[size_of(name)] * h  # the only extra: W_λ (dim -> h) per block
     else:
         hs, hn, d, dv = LAYOUT[f"{kind_of(name)}_{size_of(name)}"]
-        # the only extra parameters: 4 λ vectors of d and one RMSNorm scale of dv per block
-        assert n - n_twin == 12 * (4 * d + dv)
+        # the only extra parameters: one RMSNorm scale of dv per block (λ fixed by default) ...
+        assert n - n_twin == 12 * dv
+        # ... and 4 λ vectors of d with the paper's learned λ
+        paper = timm.create_model(name, device='meta', **PAPER_OPTIONS)
+        assert sum(p.numel() for p in paper.parameters()) - n_twin == 12 * (4 * d + dv)
     assert abs(n - n_twin) / n_twin < 0.01
     # and the projections have exactly the twin's shapes, so weights can map one to one
     assert m.blocks[0].attn.qkv.weight.shape == twin.blocks[0].attn.qkv.weight.shape
@@ -286,7 +298,7 @@ def test_model_kwargs():
     with pytest.raises(ValueError, match="attn_kind='diffv2' does not run on attn_backend='triton'"):
         timm.create_model('diffv2_vit_tiny_patch4_32', attn_backend='triton', depth=1)
     with pytest.raises(ValueError, match="attn_kind='diffv2' takes no lambda_mode"):
-        timm.create_model('diffv2_vit_tiny_patch4_32', lambda_mode='fixed', depth=1)
+        timm.create_model('diffv2_vit_tiny_patch4_32', lambda_mode='scalar', depth=1)
     free = timm.create_model('diffv2_vit_small_patch4_32', num_kv_heads=1, depth=1)  # MQA, as the official code allows
     assert free.attn_layout['num_kv_heads'] == 1 and free.blocks[0].attn.qkv.out_features == (12 + 2) * 64
 
@@ -403,7 +415,7 @@ def timm_heads(attn, x):
 def test_standard_checkpoint_maps_via_pretrained_cfg_overlay(name, vit_small_file):
     src, path = vit_small_file
     m = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
-                          img_size=32, depth=2).eval()
+                          img_size=32, depth=2, **PAPER_OPTIONS).eval()  # with λ vectors to keep at init
     src_sd, sd = src.state_dict(), m.state_dict()
     for k, v in src_sd.items():  # every standard tensor, q/k/v/proj included, lands verbatim
         assert torch.equal(sd[k], v), k

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from diffvision.attention import VISION_OPTIONS
 from diffvision.experiments import variant_study as vs
 from diffvision.experiments.runs import discover
 
@@ -94,13 +95,15 @@ def test_clear_winner_beats_simpler_candidates(tmp_path):
 def test_attention_settings_come_from_the_built_models():
     depth6 = {"depth": 6}
     assert vs.attention_settings("vit_tiny_patch4_32", depth6)["attn_kind"] == "standard"
-    assert vs.attention_settings("diff_vit_tiny_patch4_32", depth6) == {
+    assert vs.attention_settings("diff_vit_tiny_patch4_32", {**depth6, "lambda_init": "schedule",
+                                                             "lambda_mode": "reparam"}) == {
         "attn_kind": "diff", "lambda_init": "schedule", "lambda_mode": "reparam", "head_norm": True}
+    assert vs.attention_settings("gda_vit_tiny_patch4_32", depth6) == {"attn_kind": "gda", **VISION_OPTIONS}
     assert vs.attention_settings("diff_vit_tiny_patch4_32", {"depth": 6, "lambda_init": 0.8, "lambda_mode": "fixed",
                                                              "head_norm": False}) == {
         "attn_kind": "diff", "lambda_init": 0.8, "lambda_mode": "fixed", "head_norm": False}
-    assert vs.attention_settings("diff_vit_tiny_patch4_32", {"depth": 1})["lambda_init"] == pytest.approx(
-        0.8 - 0.6 * np.exp(-0.3 * 0))   # one block: the schedule is one number
+    assert vs.attention_settings("diff_vit_tiny_patch4_32", {"depth": 1, "lambda_init": "schedule"})[
+        "lambda_init"] == pytest.approx(0.8 - 0.6 * np.exp(-0.3 * 0))   # one block: the schedule is one number
     assert vs.attention_settings("diffv2_vit_tiny_patch4_32", depth6)["attn_kind"] == "diffv2"
 
 

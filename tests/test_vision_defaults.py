@@ -95,3 +95,19 @@ def test_exports_record_the_choices_for_a_local_dir_reload(tmp_path):
     reloaded = timm.create_model(f"local-dir:{tmp_path / 'export'}", pretrained=True)
     assert reloaded.attn_options["lambda_init"] == "schedule"
     assert lambda_inits(reloaded) == pytest.approx(expected_inits("schedule", TINY["depth"]))
+
+
+def test_explicit_choices_that_contradict_an_old_checkpoint_are_a_mismatch_not_a_silent_rebuild(tmp_path):
+    trained = ImageClassifier("diff_vit_tiny_patch4_32", model_kwargs={**TINY, **PAPER_OPTIONS})
+    _save(trained, tmp_path / "old.ckpt")
+    checkpoint = torch.load(tmp_path / "old.ckpt", weights_only=False)
+    for key in PAPER_OPTIONS:
+        del checkpoint["hyper_parameters"]["model_kwargs"][key]
+    explicit = ImageClassifier("diff_vit_tiny_patch4_32",
+                               model_kwargs={**TINY, "lambda_init": 0.8, "lambda_mode": "fixed"})
+    problems = explicit.checkpoint_mismatch(checkpoint)
+    assert any(p.startswith("model_kwargs:") and "'lambda_mode': 'reparam'" in p for p in problems)
+    assert explicit.model.attn_options["lambda_mode"] == "fixed"          # kept what it was told
+    implicit = ImageClassifier("diff_vit_tiny_patch4_32", model_kwargs=dict(TINY))
+    assert implicit.checkpoint_mismatch(checkpoint) == []                 # adopted the paper's choices
+    assert implicit.model.attn_options == PAPER_OPTIONS

@@ -140,6 +140,7 @@ class ImageClassifier(WeightsOnlyLoading, pl.LightningModule):
             raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
         self.save_hyperparameters()
         self.model_kwargs = dict(model_kwargs or {})
+        self._given_model_kwargs = dict(self.model_kwargs)  # before the model's own choices are filled in
         self._build_model(self.model_kwargs, pretrained)
         self.optimizer_factory = optimizer
         self.class_names = list(class_names) if class_names is not None else None
@@ -168,22 +169,50 @@ class ImageClassifier(WeightsOnlyLoading, pl.LightningModule):
         if hp.compile:
             self.model.compile(**(hp.compile_kwargs or {}))
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """A DIFF / GDA checkpoint whose hparams record no λ / head-norm choice was saved when the paper's
-        were the models' defaults (before issue 16): the model is rebuilt with ``PAPER_OPTIONS`` for the
-        missing ones before the weights load, so it computes what was trained."""
-        options = getattr(self.model, "attn_options", None) or {}
-        saved = (checkpoint.get("hyper_parameters") or {}).get("model_kwargs") or {}
-        if not options or all(k in saved for k in LAMBDA_OPTIONS):
-            return
+    @staticmethod
+    def trained_options(checkpoint: dict) -> Optional[dict]:
+        """The λ / head-norm choices a DIFF / GDA classifier ``checkpoint`` was trained with, when its hparams
+        do not record all of them: it was saved when the paper's were the models' defaults (before issue 16),
+        so the missing ones are ``PAPER_OPTIONS`` (``lambda_init=None`` is the old spelling of ``"schedule"``).
+        None when the checkpoint records them all (or has no model keywords)."""
+        saved = (checkpoint.get("hyper_parameters") or {}).get("model_kwargs")
+        if not isinstance(saved, dict) or all(k in saved for k in LAMBDA_OPTIONS):
+            return None
         trained = {k: saved.get(k, PAPER_OPTIONS[k]) for k in LAMBDA_OPTIONS}
-        if trained == options:
+        return {**trained, "lambda_init": "schedule" if trained["lambda_init"] is None else trained["lambda_init"]}
+
+    def adopt_trained_options(self, checkpoint: dict) -> None:
+        """Rebuild the model with an older ``checkpoint``'s λ / head-norm choices (``trained_options``) before its
+        weights load, so it computes what was trained; choices this module was given explicitly are kept (a
+        conflict is then ``checkpoint_mismatch``'s to report)."""
+        options = getattr(self.model, "attn_options", None) or {}
+        trained = self.trained_options(checkpoint)
+        if not options or trained is None or trained == options:
             return
-        rank_zero_info(f"checkpoint records no {[k for k in LAMBDA_OPTIONS if k not in saved]}: it predates the "
-                       f"vision defaults, so the model is rebuilt with the paper's ({trained})")
+        given = {k: v for k, v in self._given_model_kwargs.items() if k in LAMBDA_OPTIONS}
+        if given.get("lambda_init", "") is None:
+            given["lambda_init"] = "schedule"
+        if any(given[k] != trained[k] for k in given):
+            return
+        rank_zero_info(f"the checkpoint predates the vision defaults (it records no λ / head-norm choice): the "
+                       f"model is rebuilt with the paper's, which it was trained with ({trained})")
         device = next(self.model.parameters()).device
         self._build_model({**self.model_kwargs, **trained})
         self.model.to(device)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.adopt_trained_options(checkpoint)
+
+    def checkpoint_mismatch(self, checkpoint: dict) -> list[str]:
+        """``WeightsOnlyLoading.checkpoint_mismatch``, after adopting an older checkpoint's λ / head-norm
+        choices as loading it would, and reading its hparams with those choices filled in."""
+        self.adopt_trained_options(checkpoint)
+        trained = self.trained_options(checkpoint)
+        if trained is not None:
+            hparams = dict(checkpoint["hyper_parameters"])
+            hparams["model_kwargs"] = {**hparams["model_kwargs"], **trained}
+            checkpoint = {**checkpoint, "hyper_parameters": hparams}
+        return super().checkpoint_mismatch(checkpoint)
 
     def setup(self, stage: str) -> None:
         # the training normalisation travels with the model (hparams -> checkpoint -> export)
