@@ -22,43 +22,103 @@ What it adds to a plain ``LightningCLI``:
 * ``--ckpt_path last`` resumes the most recent ``last.ckpt`` of the experiment, in the same
   ``version_N`` directory (with a warning and a fresh start when there is none; an error for
   validate / test / predict);
+* validate / test / predict log into the run their checkpoint belongs to (``config_<subcommand>.yaml``
+  beside its ``config.yaml``; predict writes ``predictions.csv`` there by default), or into
+  ``<experiment>/eval/`` for a checkpoint from elsewhere; a run that fails to start leaves no directory;
+  epochs shorter than ``log_every_n_steps`` log every step;
+* bad input is an error: a model ``num_classes`` / ``img_size`` / ``in_chans`` other than the data's,
+  an image size the patch does not divide; errors of the console script print one message (with
+  "did you mean" for a mistyped key; ``DIFFVISION_DEBUG=1``: usage and traceback);
 * a Rich progress bar and a learning-rate monitor unless configured otherwise;
 * fail fast: before any data is decoded, the run and checkpoint directories must be creatable and
-  writable (a probe file is written and fsynced, which also catches a full disk), and before
+  writable (a probe file is written and fsynced, which also catches a full disk; directories made for
+  the probe are removed again), and before
   ``fit`` starts there must be room for two checkpoints of the model (``last.ckpt`` is written
   beside the old one, then replaces it); a resumed run drops the ``metrics.csv`` rows (and
   TensorBoard events) logged after its checkpoint, as it logs those steps again.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
 import os
 import re
 import shutil
 import sys
 import tempfile
+import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import yaml
 from fsspec.utils import get_protocol
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
+from jsonargparse import ArgumentError, Namespace
+from lightning.pytorch.callbacks import (
+    BasePredictionWriter,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    ProgressBar,
+    RichProgressBar,
+)
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from .attention import get_attn_kind
 from .data import ImageDataModule
-from .lightning.callbacks import LastCheckpoint
+from .lightning.callbacks import LastCheckpoint, LogShortEpochs, PredictionWriter, RemoveFailedStart
 from .lightning.loggers import ResumableCSVLogger, wait_past_event_files
 from .checkpoints import load_checkpoint_file
+from .cli_errors import DEBUG_ENV, DiffvisionArgumentParser, debug_requested, report_error
 from .models import twin_model
 
-__all__ = ["DiffvisionCLI", "apply_attn_kind", "main", "find_last_checkpoint", "check_writable_dir", "checkpoint_size_estimate"]
+__all__ = ["DiffvisionCLI", "apply_attn_kind", "main", "find_last_checkpoint", "check_writable_dir", "checkpoint_size_estimate",
+           "run_dir_of"]
 
 DEFAULT_ROOT_DIR = "runs"
 LINKED = ("num_classes", "img_size", "in_chans", "class_names")
+EVAL_SUBCOMMANDS = ("validate", "test", "predict")
+EVAL_DIR = "eval"  # <root>/<experiment>/eval/: evaluations of a checkpoint that belongs to no run directory
+
+
+class _NoInstallTips(logging.Filter):
+    """Lightning's "💡 Tip: ... try installing litlogger / litmodels", at every run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+def _quiet_third_party_notices() -> None:
+    """Drop notices that every run would repeat and no diffvision user can act on."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoInstallTips) for f in logger.filters):
+            logger.addFilter(_NoInstallTips())
+    # Lightning 2.6's own pytree helper builds LeafSpec, deprecated in torch 2.10+: not ours to fix
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)
+
+
+def run_dir_of(ckpt_path) -> Optional[Path]:
+    """The run directory a checkpoint belongs to: ``<run>/checkpoints/<name>.ckpt`` beside the run's
+    ``hparams.yaml`` (the layout this CLI writes); None for a checkpoint anywhere else."""
+    if not ckpt_path or get_protocol(str(ckpt_path)) != "file":
+        return None
+    path = Path(ckpt_path)
+    run = path.parent.parent
+    return run if path.parent.name == "checkpoints" and (run / "hparams.yaml").is_file() else None
+
+
+def _missing_dirs(path: Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet, deepest first."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
 
 
 def find_last_checkpoint(experiment_dir: Path) -> Optional[tuple[Path, int]]:
@@ -141,14 +201,18 @@ class DiffvisionCLI(LightningCLI):
 
     def __init__(self, args=None, run: bool = True, **kwargs: Any) -> None:
         self._resume_version: Optional[int] = None
+        self._given = Namespace()  # settings given explicitly (parse_arguments)
+        _quiet_third_party_notices()
         self._checkpoints: dict[str, dict] = {}  # --ckpt_path, read once (memory-mapped) for every check
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})  # a resumed run rewrites its config.yaml
         kwargs.setdefault("trainer_defaults", {"default_root_dir": DEFAULT_ROOT_DIR})
         kwargs.setdefault("auto_configure_optimizers", False)  # the modules configure their own
         # allow_abbrev=False: a prefix (--trainer.max_epoch) is an unknown key, not silently another one
         kwargs.setdefault("parser_kwargs", {"description": "diffvision: train and evaluate DIFF-ViT classifiers "
-                                                           "and DIFF-DiT generators (LightningCLI).",
-                                            "allow_abbrev": False})
+                                                           "and DIFF-DiT generators (LightningCLI). Errors print "
+                                                           f"one message; {DEBUG_ENV}=1 shows the traceback.",
+                                            "allow_abbrev": False, "prog": "diffvision"})
+        kwargs.setdefault("parser_class", DiffvisionArgumentParser)  # errors: one message, "did you mean"
         super().__init__(model_class=None, datamodule_class=ImageDataModule, args=args, run=run, **kwargs)
 
     # ---- parser ------------------------------------------------------------------------------------
@@ -173,10 +237,37 @@ class DiffvisionCLI(LightningCLI):
                  "The overlays configs/kinds/<kind>.yaml set it too.")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         for name in LINKED:
-            parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
+            check = partial(self._check_linked_value, name) if name != "class_names" else None
+            parser.link_arguments(f"data.{name}", f"model.init_args.{name}", compute_fn=check, apply_on="instantiate")
+
+    def _check_linked_value(self, name: str, data_value):
+        """The data's ``name`` for the model, unless the model was given another one explicitly: the link would
+        replace it without a word (a model for 100 classes trained on 10), so that is an error."""
+        given = self._given.get(f"model.init_args.{name}")
+        if given is not None and given != data_value:
+            fix = (f"or set --data.img_size {given} to resize the images" if name == "img_size" else
+                   "the data module sets it from the dataset")
+            raise ValueError(f"model.init_args.{name}={given!r} disagrees with the data's {name}={data_value!r}: "
+                             f"drop model.init_args.{name} ({fix})")
+        return data_value
+
+    def _given_values(self, parser: LightningArgumentParser, args):
+        """The settings given explicitly (config files, command line, no defaults) of the subcommand:
+        the same arguments parsed again without defaults (cheap: no class is imported twice)."""
+        exit_on_error, parser.exit_on_error = parser.exit_on_error, False  # a failure here is no user error
+        try:
+            given = (parser.parse_object(args, defaults=False) if isinstance(args, (dict, Namespace))
+                     else parser.parse_args(args, defaults=False))
+        except (ArgumentError, ValueError, TypeError, KeyError):
+            return Namespace()
+        finally:
+            parser.exit_on_error = exit_on_error
+        subcommand = given.get("subcommand")
+        return (given.get(subcommand) if subcommand else given) or Namespace()
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         super().parse_arguments(parser, args)
+        self._given = self._given_values(parser, args)
         subcommand = self.config.get("subcommand")
         if subcommand and self.config[subcommand].get("ckpt_path") == "last":
             self._resolve_last_checkpoint(subcommand)
@@ -256,7 +347,8 @@ class DiffvisionCLI(LightningCLI):
             return
         where, what = outputs[-1]  # the checkpoint directory when set, else the run's root
         estimate = checkpoint_size_estimate(self.model)
-        free = shutil.disk_usage(where).free
+        missing = _missing_dirs(where)  # created when the run first writes
+        free = shutil.disk_usage(missing[-1].parent if missing else where).free
         if free < 2 * estimate:
             raise OSError(errno.ENOSPC, f"not enough disk space for checkpoints in {what} {where}: "
                                         f"{free / 2**20:.1f} MiB free, a checkpoint of this model takes about "
@@ -290,10 +382,15 @@ class DiffvisionCLI(LightningCLI):
 
     def _default_loggers(self, trainer_cfg: dict) -> list:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
-        root, name = self._root_dir(cfg), self._experiment_name(cfg)
+        root, name, version = self._root_dir(cfg), self._experiment_name(cfg), self._resume_version
+        if self.subcommand in EVAL_SUBCOMMANDS:
+            # an evaluation logs into the run its checkpoint comes from (metrics.csv gains the test rows,
+            # predictions.csv lands beside it), else into one evaluation folder: never a new version_N
+            run = run_dir_of(cfg.get("ckpt_path"))
+            root, name, version = (run.parent.parent, run.parent.name, run.name) if run else (root, name, EVAL_DIR)
         resume_step = self._resume_step(cfg) if self.subcommand == "fit" else None
         purge = {"purge_step": resume_step} if resume_step is not None else {}
-        tensorboard = TensorBoardLogger(save_dir=str(root), name=name, version=self._resume_version,
+        tensorboard = TensorBoardLogger(save_dir=str(root), name=name, version=version,
                                         default_hp_metric=False, **purge)
         if purge:  # the resumed run's event file must sort after the killed run's
             wait_past_event_files(tensorboard.log_dir)
@@ -303,7 +400,15 @@ class DiffvisionCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         for path, what in self._output_dirs():
-            check_writable_dir(path, what)
+            new = _missing_dirs(path)
+            try:
+                check_writable_dir(path, what)
+            finally:
+                for directory in new:  # made for the probe only: a run that fails to start leaves nothing behind
+                    with contextlib.suppress(OSError):
+                        directory.rmdir()
+        if self.subcommand in EVAL_SUBCOMMANDS:  # the run's config.yaml stays the one it was trained with
+            self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": f"config_{self.subcommand}.yaml"}
         if torch.cuda.is_available():
             torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere+ (bf16-mixed covers the rest)
 
@@ -324,7 +429,20 @@ class DiffvisionCLI(LightningCLI):
             checkpoint = self._get(self.config, "checkpoint")
             callbacks.append(LastCheckpoint(dirpath=getattr(checkpoint, "dirpath", None),
                                             every_n_epochs=getattr(checkpoint, "every_n_epochs", None) or 1))
+        if self.subcommand == "predict" and not any(isinstance(cb, BasePredictionWriter) for cb in callbacks):
+            callbacks.append(PredictionWriter())  # predictions.csv in the run: predict's output is kept
+        if self._given.get("trainer.log_every_n_steps") is None:
+            callbacks.append(LogShortEpochs())
+            warnings.filterwarnings("ignore", message="The number of training batches .* is smaller than the "
+                                                      "logging interval")  # LogShortEpochs sees to it
+        loggers = kwargs.get("logger")
+        if isinstance(loggers, list) and loggers:  # ours: the log dir is known before anything is written
+            new = _missing_dirs(Path(loggers[0].log_dir))
+            if new:
+                callbacks.append(RemoveFailedStart(new[0], new[1:]))
         kwargs.setdefault("callbacks", callbacks)
+        if self.subcommand in EVAL_SUBCOMMANDS:  # evaluations write no checkpoint: where they would is moot
+            warnings.filterwarnings("ignore", message="The dirpath has changed from")
         trainer = super().instantiate_trainer(**kwargs)
         # last.ckpt is written after every other checkpoint callback has updated its state (best scores)
         last = [cb for cb in trainer.callbacks if isinstance(cb, LastCheckpoint)]
@@ -333,8 +451,16 @@ class DiffvisionCLI(LightningCLI):
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """Entry point of the ``diffvision`` console script (``argv`` defaults to ``sys.argv[1:]``)."""
-    DiffvisionCLI(args=argv)
+    """Entry point of the ``diffvision`` console script (``argv`` defaults to ``sys.argv[1:]``): an error
+    prints its message alone (``DIFFVISION_DEBUG=1``: the traceback) and returns 1."""
+    if debug_requested():
+        DiffvisionCLI(args=argv)
+        return 0
+    try:
+        DiffvisionCLI(args=argv)
+    except Exception as err:  # noqa: BLE001 - the console script's one place that turns errors into messages
+        report_error(err)
+        return 1
     return 0
 
 

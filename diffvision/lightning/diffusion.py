@@ -152,6 +152,12 @@ class DiffusionModule(WeightsOnlyLoading, pl.LightningModule):
         config = dict(attn_kind=attn_kind, sample_size=img_size, in_channels=in_chans,
                       out_channels=2 * in_chans if learn_sigma else in_chans, num_classes=num_classes,
                       class_dropout_prob=class_dropout_prob)
+        for key, name, value in (("sample_size", "img_size", img_size), ("in_channels", "in_chans", in_chans),
+                                 ("num_classes", "num_classes", num_classes)):
+            given = (transformer_kwargs or {}).get(key, value)
+            if given != value:  # it would silently replace the (data-linked) argument
+                raise ValueError(f"transformer_kwargs {key}={given!r} disagrees with {name}={value!r} (the data's, "
+                                 f"when the CLI links it): drop {key} from transformer_kwargs")
         config.update(transformer_kwargs or {})
         self.transformer = DiffDiTTransformer2DModel.from_preset(preset, **config)
         self.learn_sigma = self.transformer.learn_sigma
