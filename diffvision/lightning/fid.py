@@ -170,7 +170,8 @@ class FIDDuringValidation(Callback):
             fid.update(fid_input(images), real=False)
             if batch == 0 and batches > 1:
                 took = time.monotonic() - start
-                tell(f"{stage}/fid: batch 1 of {batches} took {took:.0f} s; about {took * (batches - 1):.0f} s to go")
+                tell(f"{stage}/fid: batch 1 of {batches} took {took:.0f} s; about {took * (batches - 1):.0f} s to go, "
+                     f"then the Fréchet distance of the 2048-d features (seconds)")
         value = fid.compute()
         fid.reset()  # fakes only: reset_real_features=False keeps the held-out statistics
         self.last_duration_s = time.monotonic() - start
