@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -168,3 +169,16 @@ def test_fid_eval_of_a_checkpoint(tmp_path):
     assert grid.size == (2 * 33 + 1, 10 * 33 + 1)
     with pytest.raises(SystemExit):
         fid_eval.main([str(tmp_path / "missing.ckpt")])
+
+
+def test_a_sweep_job_log_keeps_the_traceback_of_a_failure(tmp_path):
+    # the diffvision command prints one line per error; an unattended job's log needs the whole traceback
+    job = specs.Job(arm="a", model="m", model_kwargs={}, fraction=1.0, seed=0, epochs=1, val_every=1,
+                    root=tmp_path, cost=1.0)
+    command = [sys.executable, "-c", "import sys; from diffvision.cli import main; sys.exit(main(['fit', '--data.root', "
+               "'/nonexistent', '--data.dataset', 'cifar10_npz', '--model', 'diffvision.lightning.ImageClassifier']))"]
+    proc, log = sweep.launch(command, job, None, "fit")
+    assert proc.wait(timeout=300) != 0
+    log.close()
+    text = (job.dir / "fit.log").read_text()
+    assert "Traceback (most recent call last)" in text and "/nonexistent" in text
