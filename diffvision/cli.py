@@ -27,29 +27,48 @@ What it adds to a plain ``LightningCLI``:
 * one writer per run directory (:mod:`diffvision.run_lock`); every checkpoint written in place and
   atomically (:class:`~diffvision.lightning.AtomicCheckpointIO`, never staged in ``$TMPDIR``) and its zip
   CRCs checked when read back; a diverged run stopped (:class:`~diffvision.lightning.DivergenceGuard`);
+* validate / test / predict log into the run their checkpoint belongs to (``config_<subcommand>.yaml``
+  beside its ``config.yaml``; predict writes ``predictions.csv`` there by default), or into
+  ``<experiment>/eval/`` for a checkpoint from elsewhere, under the run directory's lock (refused while
+  the run is still training; the run's own record, finished or interrupted, is left as it was); a run
+  that fails to start leaves no directory; epochs shorter than ``log_every_n_steps`` log every step;
+* bad input is an error: a model ``num_classes`` / ``img_size`` / ``in_chans`` other than the data's,
+  an image size the patch does not divide; errors of the console script print one message (with
+  "did you mean" for a mistyped key; ``DIFFVISION_DEBUG=1``: usage and traceback);
 * a Rich progress bar and a learning-rate monitor unless configured otherwise;
 * fail fast: before any data is decoded, the run and checkpoint directories must be creatable and
-  writable (a probe file is written and fsynced, which also catches a full disk), and before
-  ``fit`` starts there must be room for ``checkpoint.save_top_k`` + 2 checkpoints of the model (the
-  kept ones, ``last.ckpt``, and the next one, written beside them before it replaces one); a resumed
-  run drops the ``metrics.csv`` rows (and TensorBoard events) logged after its checkpoint, as it logs
-  those steps again.
+  writable (a probe file is written and fsynced, which also catches a full disk; directories made for
+  the probe are removed again), and before ``fit`` starts there must be room for
+  ``checkpoint.save_top_k`` + 2 checkpoints of the model (the kept ones, ``last.ckpt``, and the next
+  one, written beside them before it replaces one); a resumed run drops the ``metrics.csv`` rows (and
+  TensorBoard events) logged after its checkpoint, as it logs those steps again.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
 import os
 import re
 import shutil
 import sys
 import tempfile
+import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import yaml
 from fsspec.utils import get_protocol
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
+from jsonargparse import ArgumentError, Namespace
+from lightning.pytorch.callbacks import (
+    BasePredictionWriter,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    ProgressBar,
+    RichProgressBar,
+)
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.fabric.plugins import CheckpointIO
@@ -57,27 +76,71 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from .attention import get_attn_kind
 from .data import ImageDataModule
-from .lightning.callbacks import DivergenceGuard, LastCheckpoint
+from .lightning.callbacks import DivergenceGuard, LastCheckpoint, LogShortEpochs, PredictionWriter, RemoveFailedStart
 from .lightning.checkpoint_io import PARTIAL_SUFFIX, AtomicCheckpointIO
 from .lightning.loggers import ResumableCSVLogger, wait_past_event_files
 from .checkpoints import UnsafeCheckpointError, load_checkpoint_file
+from .cli_errors import DEBUG_ENV, DiffvisionArgumentParser, debug_requested, report_error
 from .models import twin_model
-from .run_lock import RunDirLock, was_interrupted
+from .run_lock import RunDirLock, RunDirLockedError, lock_holder, was_interrupted
 
 __all__ = ["DiffvisionCLI", "apply_attn_kind", "check_lightning_checkpoint", "check_writable_dir", "checkpoint_size_estimate",
-           "claim_new_version", "find_last_checkpoint", "interrupted_version", "main"]
+           "claim_new_version", "find_last_checkpoint", "interrupted_version", "main", "run_dir_of"]
 
 DEFAULT_ROOT_DIR = "runs"
 LINKED = ("num_classes", "img_size", "in_chans", "class_names")
+EVAL_SUBCOMMANDS = ("validate", "test", "predict")
+EVAL_DIR = "eval"  # <root>/<experiment>/eval/: evaluations of a checkpoint that belongs to no run directory
 
 
-def module_classes() -> dict[str, type]:
-    """The classes a checkpoint's ``hyper_parameters["_class_path"]`` may name, by every name they are saved
-    under. Nothing a checkpoint names is imported: another name is refused, this only tells which of ours."""
-    from .lightning import DiffusionModule, ImageClassifier
+class _NoInstallTips(logging.Filter):
+    """Lightning's "💡 Tip: ... try installing litlogger / litmodels", at every run."""
 
-    return {f"{prefix}.{cls.__qualname__}": cls for cls in (ImageClassifier, DiffusionModule)
-            for prefix in (cls.__module__, "diffvision.lightning")}
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+def _quiet_third_party_notices() -> None:
+    """Drop notices that every run would repeat and no diffvision user can act on."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoInstallTips) for f in logger.filters):
+            logger.addFilter(_NoInstallTips())
+    # Lightning 2.6's own pytree helper builds LeafSpec, deprecated in torch 2.10+: not ours to fix
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)
+
+
+def run_dir_of(ckpt_path) -> Optional[Path]:
+    """The run directory a checkpoint belongs to: ``<run>/checkpoints/<name>.ckpt`` beside the run's
+    ``hparams.yaml`` (the layout this CLI writes); None for a checkpoint anywhere else."""
+    if not ckpt_path or get_protocol(str(ckpt_path)) != "file":
+        return None
+    path = Path(ckpt_path)
+    run = path.parent.parent
+    return run if path.parent.name == "checkpoints" and (run / "hparams.yaml").is_file() else None
+
+
+def _missing_dirs(path: Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet, deepest first."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+# diffvision's LightningModules by the module that defines them: named, not imported (DiffusionModule loads
+# diffusers, which a classifier run never needs; diffvision.lightning imports it lazily for the same reason)
+_MODULE_CLASSES = {"ImageClassifier": "diffvision.lightning.classifier", "DiffusionModule": "diffvision.lightning.diffusion"}
+
+
+def module_classes() -> dict[str, str]:
+    """The class paths a checkpoint's ``hyper_parameters["_class_path"]`` may name (every name they are saved
+    under), to the class's own ``module.qualname``. Nothing a checkpoint names is imported: another name is
+    refused, this only tells which of ours."""
+    return {f"{prefix}.{name}": f"{module}.{name}" for name, module in _MODULE_CLASSES.items()
+            for prefix in (module, "diffvision.lightning")}
 
 
 def find_last_checkpoint(experiment_dir: Path) -> Optional[tuple[Path, int]]:
@@ -214,17 +277,26 @@ class DiffvisionCLI(LightningCLI):
         self._restart_version = False  # the resumed version died before its first checkpoint: start it over
         self._held_ckpt_path: Optional[str] = None
         self._run_locks: list[RunDirLock] = []
+        self._failed_start: Optional[RemoveFailedStart] = None  # the directories this run created, until it trains
+        self._given = Namespace()  # settings given explicitly (parse_arguments)
+        _quiet_third_party_notices()
         self._checkpoints: dict[str, dict] = {}  # --ckpt_path, read once (memory-mapped) for every check
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})  # a resumed run rewrites its config.yaml
         kwargs.setdefault("trainer_defaults", {"default_root_dir": DEFAULT_ROOT_DIR})
         kwargs.setdefault("auto_configure_optimizers", False)  # the modules configure their own
         # allow_abbrev=False: a prefix (--trainer.max_epoch) is an unknown key, not silently another one
         kwargs.setdefault("parser_kwargs", {"description": "diffvision: train and evaluate DIFF-ViT classifiers "
-                                                           "and DIFF-DiT generators (LightningCLI).",
-                                            "allow_abbrev": False})
+                                                           "and DIFF-DiT generators (LightningCLI). Errors print "
+                                                           f"one message; {DEBUG_ENV}=1 shows the traceback.",
+                                            "allow_abbrev": False, "prog": "diffvision"})
+        kwargs.setdefault("parser_class", DiffvisionArgumentParser)  # errors: one message, "did you mean"
         try:
             super().__init__(model_class=None, datamodule_class=ImageDataModule, args=args, run=run, **kwargs)
         except BaseException:
+            # a failure before the first training step outside trainer.fit (before_fit's checks) leaves nothing
+            # either; removed while the lock is still held, so no other writer can have taken the directory
+            if self._failed_start is not None:
+                self._failed_start.remove()
             self._release_run_dirs(finished=False)  # the lock file then says this run was interrupted
             raise
         self._release_run_dirs(finished=True)
@@ -251,10 +323,37 @@ class DiffvisionCLI(LightningCLI):
                  "The overlays configs/kinds/<kind>.yaml set it too.")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         for name in LINKED:
-            parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
+            check = partial(self._check_linked_value, name) if name != "class_names" else None
+            parser.link_arguments(f"data.{name}", f"model.init_args.{name}", compute_fn=check, apply_on="instantiate")
+
+    def _check_linked_value(self, name: str, data_value):
+        """The data's ``name`` for the model, unless the model was given another one explicitly: the link would
+        replace it without a word (a model for 100 classes trained on 10), so that is an error."""
+        given = self._given.get(f"model.init_args.{name}")
+        if given is not None and given != data_value:
+            fix = (f"or set --data.img_size {given} to resize the images" if name == "img_size" else
+                   "the data module sets it from the dataset")
+            raise ValueError(f"model.init_args.{name}={given!r} disagrees with the data's {name}={data_value!r}: "
+                             f"drop model.init_args.{name} ({fix})")
+        return data_value
+
+    def _given_values(self, parser: LightningArgumentParser, args):
+        """The settings given explicitly (config files, command line, no defaults) of the subcommand:
+        the same arguments parsed again without defaults (cheap: no class is imported twice)."""
+        exit_on_error, parser.exit_on_error = parser.exit_on_error, False  # a failure here is no user error
+        try:
+            given = (parser.parse_object(args, defaults=False) if isinstance(args, (dict, Namespace))
+                     else parser.parse_args(args, defaults=False))
+        except (ArgumentError, ValueError, TypeError, KeyError):
+            return Namespace()
+        finally:
+            parser.exit_on_error = exit_on_error
+        subcommand = given.get("subcommand")
+        return (given.get(subcommand) if subcommand else given) or Namespace()
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         super().parse_arguments(parser, args)
+        self._given = self._given_values(parser, args)
         subcommand = self.config.get("subcommand")
         if subcommand and self.config[subcommand].get("ckpt_path") == "last":
             self._resolve_last_checkpoint(subcommand)
@@ -358,7 +457,8 @@ class DiffvisionCLI(LightningCLI):
         if top_k < 0:  # every epoch kept
             top_k = max(1, trainer_cfg.get("max_epochs") or 1)
         files = top_k + 2
-        free = shutil.disk_usage(where).free
+        missing = _missing_dirs(where)  # created when the run first writes
+        free = shutil.disk_usage(missing[-1].parent if missing else where).free
         if free < files * estimate:
             raise OSError(errno.ENOSPC, f"not enough disk space for checkpoints in {what} {where}: "
                                         f"{free / 2**20:.1f} MiB free, a checkpoint of this model takes about "
@@ -376,8 +476,8 @@ class DiffvisionCLI(LightningCLI):
         checkpoint = self._read_checkpoint(ckpt_path)
         saved = module_classes().get((checkpoint.get("hyper_parameters") or {}).get("_class_path"))
         problems = []
-        if saved is not None and not isinstance(self.model, saved):
-            problems.append(f"it holds a {saved.__name__}, the config builds a {type(self.model).__name__}")
+        if saved is not None and saved not in {f"{c.__module__}.{c.__qualname__}" for c in type(self.model).__mro__}:
+            problems.append(f"it holds a {saved.rsplit('.', 1)[-1]}, the config builds a {type(self.model).__name__}")
         elif hasattr(self.model, "checkpoint_mismatch"):
             problems = self.model.checkpoint_mismatch(checkpoint)
         if problems:
@@ -420,14 +520,28 @@ class DiffvisionCLI(LightningCLI):
 
     def _default_loggers(self, trainer_cfg: dict) -> list:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
-        root, name = self._root_dir(cfg), self._experiment_name(cfg)
+        root, name, version = self._root_dir(cfg), self._experiment_name(cfg), self._resume_version
+        if self.subcommand in EVAL_SUBCOMMANDS:
+            # an evaluation logs into the run its checkpoint comes from (metrics.csv gains the test rows,
+            # predictions.csv lands beside it), else into one evaluation folder: never a new version_N
+            run = run_dir_of(cfg.get("ckpt_path"))
+            root, name, version = (run.parent.parent, run.parent.name, run.name) if run else (root, name, EVAL_DIR)
         resume_step = self._resume_step(cfg) if self.subcommand == "fit" else None
         purge = {"purge_step": resume_step} if resume_step is not None else {}
-        version = self._resume_version
         # DDP: rank 0 writes the run; fast_dev_run: Lightning swaps the loggers out, nothing is written
         writer = self.subcommand is not None and rank_zero_only.rank == 0 and not trainer_cfg.get("fast_dev_run")
-        if version is None and writer:
+        created: list[Path] = []  # the directories this run makes, deepest first
+        if writer and version is None:
+            parents = _missing_dirs(root / name)
             version = claim_new_version(root / name)
+            created = [root / name / f"version_{version}", *parents]
+        elif writer:
+            created = _missing_dirs(root / name / (version if isinstance(version, str) else f"version_{version}"))
+        if created:
+            # a failed start removes them again (RemoveFailedStart, and __init__ for failures outside trainer.fit).
+            # Only ever what this process made: a resumed, interrupted or evaluated version_N already existed, so
+            # neither its lock record nor an interrupted run's --ckpt_path last resume is ever lost
+            self._failed_start = RemoveFailedStart(created[0], created[1:])
         tensorboard = TensorBoardLogger(save_dir=str(root), name=name, version=version,
                                         default_hp_metric=False, **purge)
         if writer:
@@ -445,8 +559,23 @@ class DiffvisionCLI(LightningCLI):
         dirpath = (self._get(self.config, "checkpoint") or {}).get("dirpath")
         if self.subcommand == "fit" and dirpath and get_protocol(str(dirpath)) == "file":
             dirs.append(Path(dirpath))
+        # An evaluation writes into the run of its checkpoint (or eval/), so it takes the same lock: a run still
+        # being trained is refused (their metrics.csv rows would interleave), a finished or crashed one is fine.
+        # It locks as a visitor: the run's record (finished, or interrupted before its first last.ckpt and so
+        # resumable in place) stays as it was, even if the evaluation is killed.
+        evaluation = self.subcommand in EVAL_SUBCOMMANDS
         for path in dirs:
-            self._run_locks.append(RunDirLock(path).acquire())
+            try:
+                self._run_locks.append(RunDirLock(path, visitor=evaluation).acquire())
+            except RunDirLockedError as err:
+                if not evaluation:
+                    raise
+                holder = lock_holder(path) or "another process"
+                raise RunDirLockedError(
+                    f"{self.subcommand} logs into the run its checkpoint belongs to, {path}, and {holder} is writing "
+                    f"it (a training still running, or another evaluation): wait for it to end, evaluate a copy of "
+                    f"the checkpoint from outside the run (logged into <experiment>/{EVAL_DIR}/), or pass "
+                    f"--trainer.logger false") from err
         for path in dirs:
             for leftover in [*path.glob(f".*{PARTIAL_SUFFIX}"), *path.glob(f"checkpoints/.*{PARTIAL_SUFFIX}"),
                              *path.glob("*.csv.tmp")]:
@@ -461,7 +590,15 @@ class DiffvisionCLI(LightningCLI):
         if self._held_ckpt_path is not None:  # see parse_arguments
             self.config[self.config["subcommand"]]["ckpt_path"] = self._held_ckpt_path
         for path, what in self._output_dirs():
-            check_writable_dir(path, what)
+            new = _missing_dirs(path)
+            try:
+                check_writable_dir(path, what)
+            finally:
+                for directory in new:  # made for the probe only: a run that fails to start leaves nothing behind
+                    with contextlib.suppress(OSError):
+                        directory.rmdir()
+        if self.subcommand in EVAL_SUBCOMMANDS:  # the run's config.yaml stays the one it was trained with
+            self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": f"config_{self.subcommand}.yaml"}
         if torch.cuda.is_available():
             torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere+ (bf16-mixed covers the rest)
 
@@ -484,7 +621,17 @@ class DiffvisionCLI(LightningCLI):
                                             every_n_epochs=getattr(checkpoint, "every_n_epochs", None) or 1))
         if not any(isinstance(cb, DivergenceGuard) for cb in callbacks):
             callbacks.append(DivergenceGuard())
+        if self.subcommand == "predict" and not any(isinstance(cb, BasePredictionWriter) for cb in callbacks):
+            callbacks.append(PredictionWriter())  # predictions.csv in the run: predict's output is kept
+        if self._given.get("trainer.log_every_n_steps") is None:
+            callbacks.append(LogShortEpochs())
+            warnings.filterwarnings("ignore", message="The number of training batches .* is smaller than the "
+                                                      "logging interval")  # LogShortEpochs sees to it
+        if self._failed_start is not None:
+            callbacks.append(self._failed_start)
         kwargs.setdefault("callbacks", callbacks)
+        if self.subcommand in EVAL_SUBCOMMANDS:  # evaluations write no checkpoint: where they would is moot
+            warnings.filterwarnings("ignore", message="The dirpath has changed from")
         # every checkpoint written in place and atomically, never staged in $TMPDIR (AtomicCheckpointIO)
         plugins = trainer_cfg.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
@@ -498,8 +645,16 @@ class DiffvisionCLI(LightningCLI):
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """Entry point of the ``diffvision`` console script (``argv`` defaults to ``sys.argv[1:]``)."""
-    DiffvisionCLI(args=argv)
+    """Entry point of the ``diffvision`` console script (``argv`` defaults to ``sys.argv[1:]``): an error
+    prints its message alone (``DIFFVISION_DEBUG=1``: the traceback) and returns 1."""
+    if debug_requested():
+        DiffvisionCLI(args=argv)
+        return 0
+    try:
+        DiffvisionCLI(args=argv)
+    except Exception as err:  # noqa: BLE001 - the console script's one place that turns errors into messages
+        report_error(err)
+        return 1
     return 0
 
 

@@ -81,12 +81,19 @@ def was_interrupted(run_dir) -> bool:
 
 
 class RunDirLock:
-    """The exclusive writer's lock on ``run_dir`` (created if needed); ``release`` records how it ended."""
+    """The exclusive writer's lock on ``run_dir`` (created if needed); ``release`` records how it ended.
 
-    def __init__(self, run_dir) -> None:
+    ``visitor``: the writer only adds to a run it did not train (``diffvision validate`` / ``test`` / ``predict``
+    logging into the checkpoint's run). Its record names it but keeps the run's ``state``, so a run interrupted
+    before its first ``last.ckpt`` still reads as interrupted (resumable in place) once the visitor is gone,
+    even if it is killed; ``release`` puts the run's own record back as it was."""
+
+    def __init__(self, run_dir, visitor: bool = False) -> None:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK_FILENAME
+        self.visitor = visitor
         self._fd: Optional[int] = None
+        self._previous: bytes = b""  # a visitor's: the run's record, put back on release
 
     def acquire(self) -> "RunDirLock":
         """Take the lock or raise ``RunDirLockedError`` naming the live writer."""
@@ -99,13 +106,21 @@ class RunDirLock:
                 f"writer at a time (its metrics and checkpoints would interleave with this run's); wait for it to "
                 f"end or stop it, or write to another --experiment")
         self._fd = fd
-        self._write("running")
+        if self.visitor:
+            self._previous = os.pread(fd, os.fstat(fd).st_size, 0)
+            self._write(_read_record(self.path).get("state"), visitor=True)
+        else:
+            self._write("running")
         return self
 
-    def _write(self, state: str) -> None:
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "since": round(time.time(), 1), "state": state}
+    def _write(self, state: Optional[str], **extra) -> None:
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "since": round(time.time(), 1), "state": state,
+                  **extra}
+        self._put(json.dumps(record).encode())
+
+    def _put(self, data: bytes) -> None:
         os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, json.dumps(record).encode(), 0)
+        os.pwrite(self._fd, data, 0)
         os.fsync(self._fd)
 
     @property
@@ -117,7 +132,9 @@ class RunDirLock:
         if self._fd is None:
             return
         try:
-            if finished:
+            if self.visitor:
+                self._put(self._previous)  # the run's own record, however the visit ended
+            elif finished:
                 self._write("finished")
         finally:
             os.close(self._fd)  # closing the descriptor drops the flock

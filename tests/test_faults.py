@@ -25,6 +25,7 @@ import torch
 from _configs import config_args
 from _training_data import QUIET, make_cifar_npz
 from diffvision.cli import DiffvisionCLI, checkpoint_size_estimate
+from diffvision.run_lock import RunDirLock, was_interrupted
 
 TINY_VIT = ["--model.init_args.model_name", "vit_tiny_patch4_32",
             "--model.init_args.model_kwargs", "{depth: 1, embed_dim: 32, num_heads: 2}"]
@@ -377,7 +378,11 @@ def test_a_second_writer_of_a_run_directory_is_refused_naming_the_first(data, tm
         before = sorted(p.name for p in run_dir.rglob("*"))
         with pytest.raises(RunDirLockedError, match=rf"run directory {run_dir} is being written by pid {pid} on "):
             DiffvisionCLI(args=["fit", *common, "--ckpt_path", "last"])
-        assert sorted(p.name for p in run_dir.rglob("*")) == before  # the refused run wrote nothing
+        # an evaluation logs into the run of its checkpoint (issue 19): while that run trains, it is refused too
+        with pytest.raises(RunDirLockedError, match=rf"validate logs into the run its checkpoint belongs to, {run_dir}, "
+                                                    rf"and pid {pid} on .* is writing it"):
+            DiffvisionCLI(args=["validate", *common, "--ckpt_path", "last"])
+        assert sorted(p.name for p in run_dir.rglob("*")) == before  # the refused runs wrote nothing
     finally:
         (flags / "go").touch()
         _, err = first.communicate(timeout=300)
@@ -446,6 +451,7 @@ def test_disk_space_is_budgeted_for_top_k_last_and_the_one_being_written(data, t
     with pytest.raises(OSError, match=r"up to 3 are on disk at once \(1 kept by checkpoint.save_top_k, last.ckpt"):
         run_cli("cifar10_vit", data, tmp_path, *TINY_VIT, cache=tmp_path / "cache")
     assert not (tmp_path / "cache").exists()
+    assert not (tmp_path / "cifar10_vit").exists()  # the version_N claimed for the run is gone again (issue 19)
     with pytest.raises(OSError, match=r"up to 5 are on disk at once \(3 kept"):
         run_cli("cifar10_vit", data, tmp_path, *TINY_VIT, "--checkpoint.save_top_k", "3", cache=tmp_path / "cache")
     free = int(3.05 * estimate)  # room for 3: it trains
@@ -485,7 +491,8 @@ def test_a_disk_filling_up_mid_write_leaves_no_truncated_checkpoint(data, tmp_pa
                           "--trainer.callbacks.leave", "20000")
         run = subprocess.run(cmd + ["fit", *common], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
         assert run.returncode != 0
-        assert re.search(r"OSError: \[Errno 28\] writing checkpoint \S+/ckpt/epoch=1-step=10.ckpt failed \(No space "
+        # the console script prints the error alone (issue 19: one message, no traceback)
+        assert re.search(r"error: \[Errno 28\] writing checkpoint \S+/ckpt/epoch=1-step=10.ckpt failed \(No space "
                          r"left on device; \d+ bytes free there\)", run.stderr), run.stderr[-3000:]
         names = sorted(p.name for p in (small / "ckpt").glob("*.ckpt"))
         assert names == ["epoch=0-step=5.ckpt", "last.ckpt"]  # epoch 0's, whole; nothing of epoch 1
@@ -505,7 +512,10 @@ def test_a_diverged_run_stops_and_keeps_the_last_finite_checkpoint(data, tmp_pat
 
     (tmp_path / "killer.py").write_text(KILLER)
     monkeypatch.syspath_prepend(str(tmp_path))
-    common = [*TINY_VIT, "--trainer.max_epochs", "3", "--experiment", "nan", "--checkpoint.monitor", "null"]
+    # log_every_n_steps given: the guard reads its accumulated check every 50 steps (here: at the epoch's end);
+    # by default LogShortEpochs makes these 5-batch epochs log, and so check, every step (below)
+    common = [*TINY_VIT, "--trainer.max_epochs", "3", "--experiment", "nan", "--checkpoint.monitor", "null",
+              "--trainer.log_every_n_steps", "50"]
     with pytest.raises(TrainingDivergedError, match=r"training diverged: the training loss was not finite at 3 steps, "
                                                     r"the first at step 8 \(now at epoch 1, step 10\).*"
                                                     r"version_0/checkpoints/last.ckpt keeps the last finite state"):
@@ -516,6 +526,10 @@ def test_a_diverged_run_stops_and_keeps_the_last_finite_checkpoint(data, tmp_pat
     assert (last["epoch"], last["global_step"]) == (0, 5)
     assert all(torch.isfinite(t).all() for t in last["state_dict"].values())
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["epoch=0-step=5.ckpt", "last.ckpt"]
+    with pytest.raises(TrainingDivergedError, match=r"not finite at 1 steps, the first at step 8 \(now at epoch 1, "
+                                                    r"step 8\).*version_1/checkpoints/last.ckpt keeps"):
+        run_cli("cifar10_vit", data, tmp_path, *common[:-2], "--trainer.callbacks+=killer.PoisonAtStep",
+                "--trainer.callbacks.step", "7")
 
     poisoned = dict(last, state_dict={k: v.clone() for k, v in last["state_dict"].items()})
     next(iter(poisoned["state_dict"].values())).view(-1)[0] = float("nan")
@@ -543,6 +557,11 @@ def test_a_run_killed_while_writing_its_first_last_ckpt_resumes_in_the_same_vers
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     run_dir = tmp_path / "first" / "version_0"
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [".last.ckpt.partial", "epoch=0-step=5.ckpt"]
+    # evaluating its checkpoint meanwhile writes into the run (issue 19) and leaves it resumable in place
+    record = (run_dir / ".writer.lock").read_text()
+    evaluated = DiffvisionCLI(args=["test", *common, "--ckpt_path", str(run_dir / "checkpoints" / "epoch=0-step=5.ckpt")])
+    assert Path(evaluated.trainer.log_dir) == run_dir and (run_dir / "config_test.yaml").is_file()
+    assert (run_dir / ".writer.lock").read_text() == record and was_interrupted(run_dir)
     cli = DiffvisionCLI(args=["fit", *common, "--ckpt_path", "last"])
     assert Path(cli.trainer.log_dir) == run_dir and not (tmp_path / "first" / "version_1").exists()
     # Lightning keeps the checkpoint a run resumed from; the partial file is gone
@@ -550,3 +569,30 @@ def test_a_run_killed_while_writing_its_first_last_ckpt_resumes_in_the_same_vers
         "epoch=0-step=5.ckpt", "epoch=1-step=10.ckpt", "last.ckpt"]
     steps = Counter(int(r["step"]) for r in read_rows(run_dir / "metrics.csv") if r.get("train/loss_step"))
     assert sorted(steps) == list(range(10)) and set(steps.values()) == {1}
+
+
+def test_an_evaluation_locks_its_run_as_a_visitor_and_puts_the_runs_record_back(tmp_path):
+    """validate / test / predict write into a trained run under its lock; the run's own record (here: a training
+    killed before its first last.ckpt) must survive the visit, also a visit that is itself killed."""
+    import diffvision.run_lock
+
+    run_dir = tmp_path / "version_0"
+    RunDirLock(run_dir).acquire().release(finished=False)  # a writer that died: "running", and nobody holds it
+    record = (run_dir / ".writer.lock").read_text()
+    assert was_interrupted(run_dir)
+    visit = RunDirLock(run_dir, visitor=True).acquire()
+    assert json.loads((run_dir / ".writer.lock").read_text())["pid"] == os.getpid()
+    assert not was_interrupted(run_dir)  # held now
+    visit.release(finished=True)
+    assert (run_dir / ".writer.lock").read_text() == record and was_interrupted(run_dir)
+    # a visitor SIGKILLed mid-visit: its record stays, with the run's state, so the run still reads as interrupted
+    killed = subprocess.run([sys.executable, "-c", (
+        "import importlib.util, os, signal, sys\n"
+        "spec = importlib.util.spec_from_file_location('run_lock', sys.argv[1])\n"
+        "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
+        "module.RunDirLock(sys.argv[2], visitor=True).acquire(); os.kill(os.getpid(), signal.SIGKILL)"),
+        diffvision.run_lock.__file__, str(run_dir)], capture_output=True, text=True, timeout=60)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    left = json.loads((run_dir / ".writer.lock").read_text())
+    assert left["pid"] != os.getpid() and left["visitor"] and left["state"] == "running"
+    assert was_interrupted(run_dir)  # --ckpt_path last still resumes it in its own version_N

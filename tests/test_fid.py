@@ -95,6 +95,30 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise():
     assert values[0] < values[1] < values[2]
 
 
+def test_frechet_distance_through_symmetric_eigenvalues_equals_scipys_sqrtm():
+    from diffvision.metrics.frechet import frechet_distance
+
+    rng = np.random.default_rng(0)
+    for n in (6, 300):  # fewer samples than features (singular covariances, as FID of few images) and more
+        a, b = rng.normal(size=(n, 64)), 0.5 * rng.normal(size=(n, 64)) + 0.2
+        args = [torch.from_numpy(v) for v in (a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))]
+        assert frechet_distance(*args).item() == pytest.approx(reference_fid(a, b), rel=1e-6)
+
+
+def test_the_held_out_square_root_is_computed_once_per_held_out_set():
+    fid = build_fid(reset_real_features=False)
+    fid.update(smooth_images(5, n=4), real=True)
+    fid.update(smooth_images(6, n=4), real=False)
+    fid.compute()
+    root = fid._sqrt_sigma_real
+    fid.reset()  # a new epoch's samples: the held-out statistics, and their square root, stay
+    fid.update(smooth_images(7, n=4), real=False)
+    fid.compute()
+    assert root is not None and fid._sqrt_sigma_real is root
+    fid.update(smooth_images(8, n=4), real=True)  # other held-out images: computed again
+    assert fid._sqrt_sigma_real is None
+
+
 def test_fp16_file_without_fc_is_accepted(tmp_path):
     """The GPU machines' fp16 copy (torch-fidelity layout, no fc) loads via weights_path."""
     full = torch.load(fid_weights_path(), map_location="cpu", weights_only=True)

@@ -78,3 +78,10 @@ def test_import_diffvision_registers_timm_models_and_loads_diffusers_on_first_us
     with pytest.raises(subprocess.CalledProcessError) as err:
         run_python("import diffvision; diffvision.DiffDiTPipelin")
     assert "has no attribute 'DiffDiTPipelin'" in err.value.stderr
+
+
+def test_the_command_and_the_classifier_start_without_diffusers():
+    # diffusers costs ~0.7 s of every `diffvision` call; DiffusionModule (and with it diffusers) loads when named
+    out = run_python("import sys, diffvision.cli, diffvision.lightning as L; print('diffusers' in sys.modules); "
+                     "L.DiffusionModule; print('diffusers' in sys.modules)")
+    assert out.split() == ["False", "True"]

@@ -559,7 +559,7 @@ def test_cli_ckpt_path_of_a_plain_state_dict_says_what_it_takes(vit_files, tmp_p
 
     with pytest.raises(ValueError, match=rf"--ckpt_path {vit_files / 'diff.pth'} is not a Lightning checkpoint \(no "
                                          r"'state_dict' and 'pytorch-lightning_version'; it holds a dict with keys "
-                                         r"\['blocks.0.attn.lambda_k1'.*--ckpt_path takes a last.ckpt or epoch=\*.ckpt"):
+                                         r"\['blocks.0.attn.proj.bias'.*--ckpt_path takes a last.ckpt or epoch=\*.ckpt"):
         DiffvisionCLI(args=["fit", *_cli_args(tmp_path, "--ckpt_path", str(vit_files / "diff.pth"))])
 
 

@@ -240,3 +240,16 @@ def test_a_job_whose_run_directory_has_a_live_writer_is_skipped(tmp_path, capsys
     assert status == {"standard_f100_s0": "running elsewhere"}
     assert f"skip standard_f100_s0: {run_dir} is being written by pid {os.getpid()}" in capsys.readouterr().out
     assert not (root / "standard_f100_s0" / "fit.log").exists() and not (root / "standard_f100_s0" / "attempts.json").exists()
+
+
+def test_a_sweep_job_log_keeps_the_traceback_of_a_failure(tmp_path):
+    # the diffvision command prints one line per error; an unattended job's log needs the whole traceback
+    job = specs.Job(arm="a", model="m", model_kwargs={}, fraction=1.0, seed=0, epochs=1, val_every=1,
+                    root=tmp_path, cost=1.0)
+    command = [sys.executable, "-c", "import sys; from diffvision.cli import main; sys.exit(main(['fit', '--data.root', "
+               "'/nonexistent', '--data.dataset', 'cifar10_npz', '--model', 'diffvision.lightning.ImageClassifier']))"]
+    proc, log = sweep.launch(command, job, None, "fit")
+    assert proc.wait(timeout=300) != 0
+    log.close()
+    text = (job.dir / "fit.log").read_text()
+    assert "Traceback (most recent call last)" in text and "/nonexistent" in text

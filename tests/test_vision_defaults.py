@@ -111,3 +111,23 @@ def test_explicit_choices_that_contradict_an_old_checkpoint_are_a_mismatch_not_a
     implicit = ImageClassifier("diff_vit_tiny_patch4_32", model_kwargs=dict(TINY))
     assert implicit.checkpoint_mismatch(checkpoint) == []                 # adopted the paper's choices
     assert implicit.model.attn_options == PAPER_OPTIONS
+
+
+def test_a_standard_or_diffv2_checkpoint_records_no_choices_and_fits_its_own_model(tmp_path):
+    """No λ / head-norm keys in a standard (or DIFF V2) classifier's hparams means there are none, not an old
+    checkpoint: its own config's model fits it (before: the paper's choices were filled in and every such
+    checkpoint was a mismatch for validate / test / predict)."""
+    for name in ("vit_tiny_patch4_32", "diffv2_vit_tiny_patch4_32"):
+        module = ImageClassifier(name, model_kwargs=dict(TINY))
+        _save(module, tmp_path / f"{name}.ckpt")
+        checkpoint = torch.load(tmp_path / f"{name}.ckpt", weights_only=False)
+        assert ImageClassifier(name, model_kwargs=dict(TINY)).checkpoint_mismatch(checkpoint) == []
+    # and the rebuild that adopts an old DIFF checkpoint's choices goes through the img_size / patch checks too
+    old = ImageClassifier("diff_vit_tiny_patch4_32", model_kwargs={**TINY, **PAPER_OPTIONS, "img_size": 32})
+    _save(old, tmp_path / "old.ckpt")
+    checkpoint = torch.load(tmp_path / "old.ckpt", weights_only=False)
+    for key in PAPER_OPTIONS:
+        del checkpoint["hyper_parameters"]["model_kwargs"][key]
+    fresh = ImageClassifier("diff_vit_tiny_patch4_32", model_kwargs={**TINY, "img_size": 32})
+    assert fresh.checkpoint_mismatch(checkpoint) == [] and fresh.model.attn_options == PAPER_OPTIONS
+    assert fresh.model.patch_embed.img_size == (32, 32)

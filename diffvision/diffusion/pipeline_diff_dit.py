@@ -17,6 +17,7 @@ import torch
 from diffusers.models import AutoencoderKL
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.utils import is_accelerate_available
 from diffusers.utils.torch_utils import randn_tensor
 
 from diffvision.diffusion.transformer_diff_dit import DiffDiTTransformer2DModel
@@ -76,6 +77,13 @@ class DiffDiTPipeline(DiffusionPipeline):
             for label in value.split(","):
                 self.labels[label.strip()] = key
         self.labels = dict(sorted(self.labels.items()))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' ``from_pretrained``; without ``accelerate`` installed, ``low_cpu_mem_usage`` defaults to
+        False (what diffusers falls back to anyway) instead of a warning about it at every load."""
+        kwargs.setdefault("low_cpu_mem_usage", is_accelerate_available())
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def get_label_ids(self, label: Union[str, Sequence[str]]) -> list[int]:
         """Map label names (see ``self.labels``) to class ids."""

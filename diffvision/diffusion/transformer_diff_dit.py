@@ -33,6 +33,7 @@ from diffusers.models.attention import FeedForward
 from diffusers.models.embeddings import LabelEmbedding, PatchEmbed, TimestepEmbedding, Timesteps
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import is_accelerate_available
 from torch import Tensor
 
 from diffvision.attention import create_attention, layer_heads, set_attention_backend, twin_heads
@@ -278,6 +279,7 @@ class DiffDiTTransformer2DModel(ModelMixin, ConfigMixin):
         """
         _check_model_folder(pretrained_model_name_or_path, kwargs.get("subfolder"))
         want_info = kwargs.pop("output_loading_info", False)
+        kwargs.setdefault("low_cpu_mem_usage", is_accelerate_available())  # diffusers' fallback, without its warning
         with checkpoint_errors(*_local_weight_files(pretrained_model_name_or_path, kwargs.get("subfolder"))):
             model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
         problems = [f"  missing from the checkpoint: {sorted(info['missing_keys'])}"] if info["missing_keys"] else []

@@ -143,7 +143,8 @@ def _terminate(signum, frame):
 
 
 def launch(command: list[str], job: Job, gpu: Optional[str], stage: str) -> tuple[subprocess.Popen, Any]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # DIFFVISION_DEBUG: an unattended job's log keeps the traceback of a failure, not one line
+    env = dict(os.environ, PYTHONUNBUFFERED="1", DIFFVISION_DEBUG="1")
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
     job.dir.mkdir(parents=True, exist_ok=True)

@@ -1,17 +1,35 @@
 """diffvision.lightning: LightningModules (classifier, diffusion), callbacks and optimisation helpers.
 
-``GaussianDiffusionTerms`` is defined in :mod:`diffvision.diffusion` and re-exported here under its old name.
+``DiffusionModule`` and ``GaussianDiffusionTerms`` (defined in :mod:`diffvision.diffusion`, re-exported
+here under its old name) load diffusers, so they are imported on first use (PEP 562): the ``diffvision``
+command and classifier runs start without diffusers. ``class_path: diffvision.lightning.DiffusionModule``
+imports it as usual.
 """
-from ..diffusion.gaussian_diffusion import GaussianDiffusionTerms
-from .callbacks import (DivergenceGuard, ExportOnFitEnd, LastCheckpoint, PredictionWriter, StopAfterEpochs,
-                        TrainingDivergedError, export_module)
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .callbacks import (
+    DivergenceGuard,
+    ExportOnFitEnd,
+    LastCheckpoint,
+    LogShortEpochs,
+    PredictionWriter,
+    RemoveFailedStart,
+    StopAfterEpochs,
+    TrainingDivergedError,
+    export_module,
+)
 from .checkpoint_io import AtomicCheckpointIO
 from .classifier import ImageClassifier, create_classifier
-from .diffusion import DiffusionModule
 from .fid import FIDDuringValidation
 from .lambda_monitor import LambdaMonitor
 from .loggers import ResumableCSVLogger, read_epoch_metrics, wait_past_event_files
 from .optim import lr_factor, param_groups
+
+_LAZY = {"DiffusionModule": "diffvision.lightning.diffusion",
+         "GaussianDiffusionTerms": "diffvision.diffusion.gaussian_diffusion"}
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -23,7 +41,9 @@ __all__ = [
     "ImageClassifier",
     "LambdaMonitor",
     "LastCheckpoint",
+    "LogShortEpochs",
     "PredictionWriter",
+    "RemoveFailedStart",
     "ResumableCSVLogger",
     "StopAfterEpochs",
     "TrainingDivergedError",
@@ -34,3 +54,15 @@ __all__ = [
     "read_epoch_metrics",
     "wait_past_event_files",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'diffvision.lightning' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

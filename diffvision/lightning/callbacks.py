@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import csv
 import logging
+import math
 import os
 import shutil
 import weakref
@@ -18,8 +19,8 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelChe
 from ..models import load_checkpoint_file
 from .checkpoint_io import AtomicCheckpointIO, checkpoint_write_error, partial_path
 
-__all__ = ["DivergenceGuard", "ExportOnFitEnd", "LastCheckpoint", "PredictionWriter", "StopAfterEpochs",
-           "TrainingDivergedError", "export_module"]
+__all__ = ["DivergenceGuard", "ExportOnFitEnd", "LastCheckpoint", "LogShortEpochs", "PredictionWriter",
+           "RemoveFailedStart", "StopAfterEpochs", "TrainingDivergedError", "export_module"]
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,6 @@ def export_module(module: pl.LightningModule, save_directory, datamodule=None) -
     ``DiffusionModule`` as a ``DiffDiTPipeline`` (EMA weights). The data module, when given,
     supplies class names and the normalisation the module does not already know."""
     from .classifier import ImageClassifier
-    from .diffusion import DiffusionModule
 
     if isinstance(module, ImageClassifier):
         kwargs = {}
@@ -38,6 +38,8 @@ def export_module(module: pl.LightningModule, save_directory, datamodule=None) -
                       "std": module.std or getattr(datamodule, "std", None),
                       "class_names": module.class_names or getattr(datamodule, "class_names", None)}
         return module.export(save_directory, **kwargs)
+    from .diffusion import DiffusionModule  # diffusers: only for a diffusion model
+
     if isinstance(module, DiffusionModule):
         if module.class_names is None and datamodule is not None:
             module.class_names = getattr(datamodule, "class_names", None)
@@ -302,3 +304,44 @@ class PredictionWriter(BasePredictionWriter):
                 preds, probs = batch["preds"].tolist(), batch["probs"].max(dim=-1).values.tolist()
                 for i, y, p, q in zip(indices, labels, preds, probs):
                     writer.writerow([i, y, p, names[p] if names else "", f"{q:.6f}"])
+
+
+class LogShortEpochs(Callback):
+    """Logs every training step when an epoch has fewer batches than ``trainer.log_every_n_steps``
+    (Lightning's default 50): short runs then have step metrics (``train/loss_step``, the learning rate)
+    instead of none. Longer epochs keep the configured interval."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        batches = trainer.num_training_batches
+        if math.isfinite(batches) and 0 < batches < trainer.log_every_n_steps:
+            trainer.log_every_n_steps = 1
+
+
+class RemoveFailedStart(Callback):
+    """Removes the run directory this process created, ``log_dir``, with its content, and the ``parents``
+    it created when empty, when ``fit`` fails before its first training step or ``validate`` / ``test`` /
+    ``predict`` fail (a missing checkpoint, unreadable data): a failed start leaves no empty ``version_N``
+    behind. A run that trained a step keeps everything (its logs explain the failure)."""
+
+    def __init__(self, log_dir, parents=()) -> None:
+        self.log_dir, self.parents = Path(log_dir), [Path(p) for p in parents]
+        self._trained = False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self._trained = True
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if trainer.is_global_zero:
+            self.remove()
+
+    def remove(self) -> None:
+        """Remove the directories unless a training step ran; again: nothing (the CLI calls it for a failure
+        outside ``trainer.fit`` too)."""
+        if self._trained:
+            return
+        shutil.rmtree(self.log_dir, ignore_errors=True)
+        for path in self.parents:  # deepest first
+            try:
+                path.rmdir()
+            except OSError:  # not empty (other runs) or already gone
+                pass

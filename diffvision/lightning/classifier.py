@@ -19,7 +19,7 @@ from ..attention import LAMBDA_OPTIONS, PAPER_OPTIONS
 from .loading import WeightsOnlyLoading
 from .optim import build_lr_scheduler, default_adamw, param_groups, run_seed, shows_progress_bar, step_rng, step_seed
 
-__all__ = ["ImageClassifier", "check_labels", "check_model_name", "create_classifier"]
+__all__ = ["ImageClassifier", "check_labels", "check_model_name", "check_patch_grid", "create_classifier"]
 
 # ImageClassifier.on_before_batch_transfer (the label check) is meant to run beside any data module
 warnings.filterwarnings("ignore", message="You have overridden `on_before_batch_transfer` in `LightningModule` "
@@ -82,11 +82,51 @@ def create_classifier(model_name: str, num_classes: int, in_chans: int, img_size
     kwargs = dict(model_kwargs, num_classes=num_classes, in_chans=in_chans)
     if img_size is not None and "img_size" not in kwargs:
         try:
-            return timm.create_model(model_name, pretrained=pretrained, img_size=img_size, **kwargs)
+            model = timm.create_model(model_name, pretrained=pretrained, img_size=img_size, **kwargs)
+            check_patch_grid(model, model_name)
+            return model
         except TypeError as err:
             if "img_size" not in str(err):
                 raise
-    return timm.create_model(model_name, pretrained=pretrained, **kwargs)
+    model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
+    check_patch_grid(model, model_name)
+    return model
+
+
+def check_patch_grid(model: torch.nn.Module, model_name: str) -> None:
+    """A patch model's image size must be a multiple of its patch size: timm's patch embedding (a strided
+    conv) would otherwise drop the last rows and columns of every image without a word. timm's
+    ``dynamic_img_pad`` (with ``dynamic_img_size``, which resamples the position embedding to the padded
+    grid; in ``model_kwargs``) zero-pads them instead, and is accepted."""
+    embed = getattr(model, "patch_embed", None)
+    patch, size = getattr(embed, "patch_size", None), getattr(embed, "img_size", None)
+    if patch is None or size is None:
+        return
+    pad = "model_kwargs {dynamic_img_size: true, dynamic_img_pad: true}"
+    if getattr(embed, "dynamic_img_pad", False):
+        if not getattr(model, "dynamic_img_size", True):
+            raise ValueError(f"{model_name}: dynamic_img_pad needs dynamic_img_size too (the padded grid needs a "
+                             f"resampled position embedding): {pad}")
+        return
+    for s, p in zip(size, patch):
+        if s % p:
+            raise ValueError(
+                f"img_size {s} is not a multiple of {model_name}'s patch size {p}: the patch grid would drop the "
+                f"last {s % p} px of every image; use an img_size divisible by {p} ({s - s % p} or "
+                f"{s - s % p + p}), or {pad} to zero-pad the images")
+
+
+def _linked_in_model_kwargs(model_kwargs: dict, **linked) -> dict:
+    """``model_kwargs`` without ``num_classes`` / ``in_chans`` / ``img_size``, which are arguments of their
+    own (linked from the data by the CLI): the same value is dropped, another one is an error."""
+    kwargs = dict(model_kwargs)
+    for name, value in linked.items():
+        if name in kwargs:
+            given = kwargs.pop(name)
+            if value is not None and given != value:
+                raise ValueError(f"model_kwargs {name}={given!r} disagrees with {name}={value!r} (the data's, "
+                                 f"when the CLI links it): drop {name} from model_kwargs")
+    return kwargs
 
 
 class ImageClassifier(WeightsOnlyLoading, pl.LightningModule):
@@ -141,11 +181,15 @@ class ImageClassifier(WeightsOnlyLoading, pl.LightningModule):
         self.save_hyperparameters()
         self.model_kwargs = dict(model_kwargs or {})
         self._given_model_kwargs = dict(self.model_kwargs)  # before the model's own choices are filled in
+        # a size given only in model_kwargs is the model's size (the hparams keep img_size as given, so an
+        # older checkpoint's hparams still compare equal); every (re)build uses this one
+        self._img_size = img_size if img_size is not None else self.model_kwargs.get("img_size")
         self._build_model(self.model_kwargs, pretrained)
         self.optimizer_factory = optimizer
         self.class_names = list(class_names) if class_names is not None else None
         self.mean = tuple(mean) if mean is not None else None
         self.std = tuple(std) if std is not None else None
+        self._checkpoint_steps = 0  # optimizer steps of the checkpoint these weights came from
         self.train_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.test_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
@@ -159,8 +203,12 @@ class ImageClassifier(WeightsOnlyLoading, pl.LightningModule):
         if "lambda_init" in model_kwargs and model_kwargs["lambda_init"] is None:
             # the old spelling of "schedule"; timm.create_model drops None keywords, which would mean the default
             model_kwargs = {**model_kwargs, "lambda_init": "schedule"}
-        self.model = create_classifier(hp.model_name, hp.num_classes, hp.in_chans, hp.img_size, pretrained,
-                                       **model_kwargs)
+        # num_classes / in_chans / img_size in model_kwargs: the same value is dropped, another is an error (a
+        # rebuild by adopt_trained_options goes through the same checks); model_kwargs keeps them as given
+        kwargs = _linked_in_model_kwargs(model_kwargs, num_classes=hp.num_classes, in_chans=hp.in_chans,
+                                         img_size=self._img_size)
+        self.model = create_classifier(hp.model_name, hp.num_classes, hp.in_chans, self._img_size, pretrained,
+                                       **kwargs)
         # the λ / head-norm choices of a DIFF / GDA model go into the hparams explicitly, so the checkpoint
         # keeps them whatever the defaults become (on_load_checkpoint reads their absence as "old")
         options = getattr(self.model, "attn_options", None) or {}
@@ -200,14 +248,13 @@ class ImageClassifier(WeightsOnlyLoading, pl.LightningModule):
         self._build_model({**self.model_kwargs, **trained})
         self.model.to(device)
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.adopt_trained_options(checkpoint)
-
     def checkpoint_mismatch(self, checkpoint: dict) -> list[str]:
         """``WeightsOnlyLoading.checkpoint_mismatch``, after adopting an older checkpoint's λ / head-norm
         choices as loading it would, and reading its hparams with those choices filled in."""
         self.adopt_trained_options(checkpoint)
-        trained = self.trained_options(checkpoint)
+        # only a DIFF / GDA model has λ / head-norm choices: a standard model's checkpoint records none because
+        # there are none, not because it is old (filling them in made every standard checkpoint a mismatch)
+        trained = self.trained_options(checkpoint) if getattr(self.model, "attn_options", None) else None
         if trained is not None:
             hparams = dict(checkpoint["hyper_parameters"])
             hparams["model_kwargs"] = {**hparams["model_kwargs"], **trained}
@@ -225,6 +272,24 @@ class ImageClassifier(WeightsOnlyLoading, pl.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.adopt_trained_options(checkpoint)  # an older checkpoint's λ / head-norm choices, before its weights load
+        self._checkpoint_steps = int(checkpoint.get("global_step") or 0)
+
+    @property
+    def trained_steps(self) -> int:
+        """Optimizer steps these weights were trained for here (this run, or the checkpoint they came from)."""
+        return max(self.global_step, self._checkpoint_steps)
+
+    def _description(self) -> str:
+        """The export's ``pretrained_cfg`` description: the model's own, saying truthfully whether (and how
+        long) these weights were trained; the registered ones say "untrained"."""
+        own = (getattr(self.model, "pretrained_cfg", None) or {}).get("description") or self.hparams.model_name
+        own = own.removesuffix("; untrained")
+        if self.trained_steps:
+            return f"{own}; trained for {self.trained_steps} steps with diffvision"
+        return own if self.hparams.pretrained else f"{own}; untrained"
 
     # ---- steps ---------------------------------------------------------------------------------
 
@@ -310,6 +375,7 @@ class ImageClassifier(WeightsOnlyLoading, pl.LightningModule):
         save_directory = Path(save_directory)
         names = list(class_names) if class_names is not None else self.class_names
         model_config = {"label_names": names} if names else {}
+        model_config["pretrained_cfg"] = {"description": self._description()}
         data_config = {"crop_pct": 1.0}
         mean = mean if mean is not None else self.mean
         std = std if std is not None else self.std

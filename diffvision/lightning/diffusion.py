@@ -48,7 +48,7 @@ def default_dit_adamw(params) -> torch.optim.Optimizer:
 
 # A module built in Python keeps its optimizer factory in hparams, so the default factories are pickled
 # (by name) into every checkpoint; allowlisting these two plain functions lets such checkpoints load and
-# resume with weights_only=True. Nothing else is allowlisted.
+# resume with weights_only=True (default_adamw is allowlisted in .optim too). Nothing else is allowlisted.
 torch.serialization.add_safe_globals([default_adamw, default_dit_adamw])
 
 
@@ -155,6 +155,12 @@ class DiffusionModule(WeightsOnlyLoading, pl.LightningModule):
         config = dict(attn_kind=attn_kind, sample_size=img_size, in_channels=in_chans,
                       out_channels=2 * in_chans if learn_sigma else in_chans, num_classes=num_classes,
                       class_dropout_prob=class_dropout_prob)
+        for key, name, value in (("sample_size", "img_size", img_size), ("in_channels", "in_chans", in_chans),
+                                 ("num_classes", "num_classes", num_classes)):
+            given = (transformer_kwargs or {}).get(key, value)
+            if given != value:  # it would silently replace the (data-linked) argument
+                raise ValueError(f"transformer_kwargs {key}={given!r} disagrees with {name}={value!r} (the data's, "
+                                 f"when the CLI links it): drop {key} from transformer_kwargs")
         config.update(transformer_kwargs or {})
         self.transformer = DiffDiTTransformer2DModel.from_preset(preset, **config)
         self.learn_sigma = self.transformer.learn_sigma

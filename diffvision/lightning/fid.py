@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
 
-from ..diffusion.sampling import balanced_class_labels
 from ..metrics import build_fid, fid_input
 from .optim import run_seed, step_seed
 
@@ -42,8 +43,11 @@ class FIDDuringValidation(Callback):
       batch, images in [-1, 1]), gathered once per split: their Inception statistics are kept, and later
       epochs only sample.
     * Generated images: ``num_samples``, classes balanced (``balanced_class_labels``), from
-      ``pl_module.generate(labels, guidance_scale, seed=..., batch_size=batch_size)`` (images in [0, 1]) with
-      noise fixed by the run seed, so that every epoch's FID samples the same noise.
+      ``pl_module.generate(labels, guidance_scale, seed=..., batch_size=batch_size)`` (images in [0, 1]), one
+      call per batch, with noise fixed by the run seed and the batch, so that every epoch's FID samples the
+      same noise.
+    * On a CPU, where one FID takes minutes, it says so as it goes: what it does, how long the first batch
+      took and the time left, the value and the time it took.
     * When: every ``every_n_epochs``-th validation epoch of ``fit`` (:func:`due_at_eval_epoch_end`), every
       ``validate`` and ``test``; never in the sanity check.
     * Under DDP each rank takes ``ceil(num_samples / world_size)`` of both; torchmetrics gathers the
@@ -70,6 +74,7 @@ class FIDDuringValidation(Callback):
         self.num_samples, self.every_n_epochs, self.batch_size = num_samples, every_n_epochs, batch_size
         self.guidance_scale, self.weights_path, self.num_classes = guidance_scale, weights_path, num_classes
         self.error: Optional[str] = None  # why FID was disabled for the rest of the run
+        self.last_duration_s: Optional[float] = None  # how long the last FID took (sampling to value)
         self._metric = None  # torchmetrics' FID, built at first use (it loads the Inception network)
         self._real_seen = 0  # real images this rank has added to the metric for the current split
         self._real_stage: Optional[str] = None  # the split whose real statistics the metric holds
@@ -144,16 +149,33 @@ class FIDDuringValidation(Callback):
             log.error("FID disabled for the rest of this run: %s", self.error)
 
     def _compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        from ..diffusion.sampling import balanced_class_labels  # diffusers: loaded when FID first runs
+
         per_rank = self._per_rank(trainer)
         first = trainer.global_rank * per_rank
         labels = balanced_class_labels(self._num_classes(pl_module), first, first + per_rank)
         fid = self._fid(pl_module.device)
-        seed = step_seed(run_seed(), 0, 2000 + trainer.global_rank)  # the same noise at every epoch
-        images = pl_module.generate(labels, self.guidance_scale, seed=seed, batch_size=self.batch_size)
-        for start in range(0, images.shape[0], self.batch_size):
-            fid.update(fid_input(images[start:start + self.batch_size]), real=False)
+        # on a CPU an FID takes minutes: say so, and how long, rather than stall without a word
+        tell = rank_zero_info if pl_module.device.type == "cpu" else (lambda message: None)
+        batches = math.ceil(per_rank / self.batch_size)
+        last = f"; the last one took {self.last_duration_s:.0f} s" if self.last_duration_s else ""
+        tell(f"{stage}/fid: sampling {self.num_samples} images in {batches} batch(es) and comparing their Inception "
+             f"features on the CPU{last} (model.init_args.fid_num_samples 0 turns FID off)")
+        start = time.monotonic()
+        for batch in range(batches):
+            # the same noise at every epoch: each batch's seed depends on the run seed, the batch and the rank
+            seed = step_seed(run_seed(), batch, 2000 + trainer.global_rank)
+            batch_labels = labels[batch * self.batch_size:(batch + 1) * self.batch_size]
+            images = pl_module.generate(batch_labels, self.guidance_scale, seed=seed, batch_size=self.batch_size)
+            fid.update(fid_input(images), real=False)
+            if batch == 0 and batches > 1:
+                took = time.monotonic() - start
+                tell(f"{stage}/fid: batch 1 of {batches} took {took:.0f} s; about {took * (batches - 1):.0f} s to go, "
+                     f"then the Fréchet distance of the 2048-d features (seconds)")
         value = fid.compute()
         fid.reset()  # fakes only: reset_real_features=False keeps the held-out statistics
+        self.last_duration_s = time.monotonic() - start
+        tell(f"{stage}/fid = {value.item():.2f} ({self.last_duration_s:.0f} s)")
         pl_module.log(f"{stage}/fid", value.float(), prog_bar=True, sync_dist=False)
 
     def _num_classes(self, pl_module: pl.LightningModule) -> int:

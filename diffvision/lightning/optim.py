@@ -20,6 +20,12 @@ def default_adamw(params: Iterable) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
 
 
+# A module built in Python keeps its optimizer factory in hparams, so the default factory is pickled (by name)
+# into every checkpoint: allowlisted here, where it is defined, so a classifier's checkpoint loads with
+# weights_only=True without diffvision.lightning.diffusion (imported lazily now) having been imported
+torch.serialization.add_safe_globals([default_adamw])
+
+
 def param_groups(model: nn.Module, no_weight_decay: Iterable[str] = ()) -> list[dict]:
     """Two groups: weights (the optimizer's weight decay) and 1-d params / biases / norms / λ vectors
     / names in ``no_weight_decay`` (e.g. timm's ``pos_embed``, ``cls_token``), with weight_decay=0."""

@@ -2,7 +2,8 @@
 
 FID here is the usual one: Inception-v3 (TF 2015-12-05), 2048-d pool features, torch-fidelity's
 preprocessing (TF1-style bilinear resize to 299, (x − 128) / 128), computed by torchmetrics'
-``FrechetInceptionDistance``. torchmetrics would download the weights; instead they are looked up in:
+``FrechetInceptionDistance`` (its Fréchet distance through symmetric eigendecompositions,
+:mod:`diffvision.metrics.frechet`). torchmetrics would download the weights; instead they are looked up in:
 
 1. ``weights_path=`` or the ``DIFFVISION_FID_WEIGHTS`` environment variable: a state dict in
    torch-fidelity's ``FeatureExtractorInceptionV3`` layout (fp16 and a missing ``fc`` are accepted:
@@ -164,7 +165,7 @@ def build_fid(feature_dim: int = 2048, weights_path: Optional[Union[str, Path]] 
     With ``normalize=True`` (default) ``update`` takes float images in [0, 1], shape (B, 3, H, W),
     any H, W; with ``normalize=False`` uint8 images in [0, 255].
     """
-    from torchmetrics.image.fid import FrechetInceptionDistance
+    from .frechet import FrechetInceptionDistance  # torchmetrics' metric, with a faster distance
 
     if feature_dim != 2048:
         raise ValueError(f"feature_dim={feature_dim}: the standard FID uses the 2048-d pool features; "
