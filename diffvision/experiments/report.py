@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from .plots import plot_accuracy_vs_fraction, plot_fid_vs_step, plot_learning_curves
 from .results import TASKS
@@ -29,7 +29,7 @@ from .runs import discover
 from .tables import (classification_markdown, generation_markdown, markdown_table, runs_markdown, unique_text,
                      write_csv)
 
-__all__ = ["DEFAULT_OUT", "build_parser", "main", "write_report"]
+__all__ = ["DEFAULT_OUT", "add_report_arguments", "build_parser", "main", "run_report", "write_report"]
 
 DEFAULT_OUT = "docs/results"
 PLOTS = {"accuracy_vs_fraction.png": plot_accuracy_vs_fraction, "learning_curves.png": plot_learning_curves,
@@ -91,22 +91,32 @@ def build_parser() -> argparse.ArgumentParser:
         description="Aggregate finished runs (<root>/<experiment>/result.json + version_*/metrics.csv) into "
                     "markdown tables (mean ± std over seeds), CSV files and plots.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("roots", nargs="+", type=Path, metavar="RUNS_ROOT", help="directories searched for result.json")
-    p.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), help="output directory")
-    return p
+    return add_report_arguments(p)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
+def add_report_arguments(parser: argparse.ArgumentParser, default_out: str = DEFAULT_OUT) -> argparse.ArgumentParser:
+    """The arguments every report script takes: ``RUNS_ROOT ...`` and ``--out``."""
+    parser.add_argument("roots", nargs="+", type=Path, metavar="RUNS_ROOT", help="directories searched for result.json")
+    parser.add_argument("--out", type=Path, default=Path(default_out), help="output directory")
+    return parser
+
+
+def run_report(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
+               write: Callable[[Sequence[Path], Path], dict[str, Any]]) -> int:
+    """A report script: parse, check the roots exist, ``write(roots, out)`` (-> ``{"runs", "problems", "files"}``)
+    and say what it counted and wrote."""
     args = parser.parse_args(argv)
     absent = [str(r) for r in args.roots if not r.is_dir()]
     if absent:
         parser.error(f"RUNS_ROOT not found (expected directories of runs): {', '.join(absent)}")
-    report = write_report(args.roots, args.out)
+    report = write(args.roots, args.out)
     print(f"{len(report['runs'])} runs counted, {len(report['problems'])} incomplete or missing")
     for problem in report["problems"]:
         print(f"  {problem.status:9s} {problem.name}: {problem.detail}")
     for name, path in report["files"].items():
-        if path is not None:
-            print(f"wrote {path}")
+        print(f"wrote {path}" if path is not None else f"{name}: nothing to write")
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run_report(build_parser(), argv, write_report)

@@ -27,7 +27,7 @@ from typing import Any, Optional
 
 __all__ = [
     "RESULT_FILE", "TASKS", "classification_result", "finite_number", "fraction_key", "generation_result",
-    "headline", "headline_text", "lambda_per_layer", "latest_version", "metric_by_epoch", "result_problem", "run_record",
+    "headline", "headline_text", "lambda_layers", "lambda_per_layer", "latest_version", "metric_by_epoch", "result_problem", "run_record",
     "save_result", "version_dirs",
 ]
 
@@ -74,9 +74,14 @@ def run_record(task: str, metrics: dict[int, dict[str, float]], *, kind: str, fr
 def lambda_per_layer(epoch_metrics: dict[str, float]) -> Optional[list[float]]:
     """λ of each differential attention layer at that epoch (``LambdaMonitor``'s ``lambda/layer_<i>``), or
     None when nothing was logged (standard attention, or a run without the callback)."""
-    layers = {int(k.rsplit("_", 1)[1]): v for k, v in epoch_metrics.items()
-              if k.startswith(LAMBDA_PREFIX) and k.rsplit("_", 1)[1].isdigit()}
+    layers = lambda_layers(epoch_metrics)
     return [layers[i] for i in sorted(layers)] if layers else None
+
+
+def lambda_layers(epoch_metrics: dict[str, Any]) -> dict[int, Any]:
+    """``{layer: value}`` of the ``lambda/layer_<i>`` entries among one epoch's metrics."""
+    return {int(k[len(LAMBDA_PREFIX):]): v for k, v in epoch_metrics.items()
+            if k.startswith(LAMBDA_PREFIX) and k[len(LAMBDA_PREFIX):].isdigit()}
 
 
 def _final(record: dict, metrics: dict[int, dict[str, float]]) -> dict[str, float]:

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .plots import pyplot
-from .results import LAMBDA_PREFIX, finite_number, version_dirs
+from .report import add_report_arguments, run_report
+from .results import finite_number, lambda_layers, version_dirs
 from .runs import Run, discover, percent
 from .tables import format_mean_std, markdown_table, mean_std
 
@@ -234,9 +235,9 @@ def _lambda_curves(run: Run) -> dict[int, dict[int, float]]:
     curves: dict[int, dict[int, float]] = defaultdict(dict)
     for version in version_dirs(run.path):
         for epoch, metrics in read_epoch_metrics(version).items():
-            for key, value in metrics.items():
-                if key.startswith(LAMBDA_PREFIX) and finite_number(value) is not None:
-                    curves[int(key[len(LAMBDA_PREFIX):])][epoch] = float(value)
+            for layer, value in lambda_layers(metrics).items():
+                if finite_number(value) is not None:
+                    curves[layer][epoch] = float(value)
     return curves
 
 
@@ -301,14 +302,4 @@ def write_study(roots: Sequence[Path], out: Path, rule: Rule = RULE) -> dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python train/variant_study.py", description=__doc__.split("\n")[0])
-    parser.add_argument("roots", nargs="+", type=Path, metavar="RUNS_ROOT", help="directories searched for result.json")
-    parser.add_argument("--out", type=Path, default=Path("docs/results"), help="output directory")
-    args = parser.parse_args(argv)
-    absent = [str(r) for r in args.roots if not r.is_dir()]
-    if absent:
-        parser.error(f"RUNS_ROOT not found (expected directories of runs): {', '.join(absent)}")
-    study = write_study(args.roots, args.out)
-    print(f"{len(study['runs'])} runs counted, {len(study['problems'])} incomplete or missing")
-    for name, path in study["files"].items():
-        print(f"wrote {path}" if path else f"{name}: nothing to plot")
-    return 0
+    return run_report(add_report_arguments(parser), argv, write_study)

@@ -129,6 +129,14 @@ def _linked_in_model_kwargs(model_kwargs: dict, **linked) -> dict:
     return kwargs
 
 
+def _schedule_spelled_out(model_kwargs: dict) -> dict:
+    """``model_kwargs`` with ``lambda_init=None``, the old spelling of ``"schedule"``, spelled out: timm.create_model
+    drops None keywords, which would mean the model's default."""
+    if "lambda_init" in model_kwargs and model_kwargs["lambda_init"] is None:
+        return {**model_kwargs, "lambda_init": "schedule"}
+    return model_kwargs
+
+
 class ImageClassifier(WeightsOnlyLoading, pl.LightningModule):
     """Image classifier around a timm model, with label-smoothed cross-entropy and top-1/top-5 accuracy.
 
@@ -200,9 +208,7 @@ class ImageClassifier(WeightsOnlyLoading, pl.LightningModule):
 
     def _build_model(self, model_kwargs: dict, pretrained: bool = False) -> None:
         hp = self.hparams
-        if "lambda_init" in model_kwargs and model_kwargs["lambda_init"] is None:
-            # the old spelling of "schedule"; timm.create_model drops None keywords, which would mean the default
-            model_kwargs = {**model_kwargs, "lambda_init": "schedule"}
+        model_kwargs = _schedule_spelled_out(model_kwargs)
         # num_classes / in_chans / img_size in model_kwargs: the same value is dropped, another is an error (a
         # rebuild by adopt_trained_options goes through the same checks); model_kwargs keeps them as given
         kwargs = _linked_in_model_kwargs(model_kwargs, num_classes=hp.num_classes, in_chans=hp.in_chans,
@@ -217,29 +223,26 @@ class ImageClassifier(WeightsOnlyLoading, pl.LightningModule):
         if hp.compile:
             self.model.compile(**(hp.compile_kwargs or {}))
 
-    @staticmethod
-    def trained_options(checkpoint: dict) -> Optional[dict]:
-        """The λ / head-norm choices a DIFF / GDA classifier ``checkpoint`` was trained with, when its hparams
+    def trained_options(self, checkpoint: dict) -> Optional[dict]:
+        """The λ / head-norm choices this DIFF / GDA classifier's ``checkpoint`` was trained with, when its hparams
         do not record all of them: it was saved when the paper's were the models' defaults (before issue 16),
-        so the missing ones are ``PAPER_OPTIONS`` (``lambda_init=None`` is the old spelling of ``"schedule"``).
-        None when the checkpoint records them all (or has no model keywords)."""
+        so the missing ones are ``PAPER_OPTIONS``. None when the checkpoint records them all, has no model
+        keywords, or the model has no such choices (a standard model's checkpoint records none because there
+        are none, not because it is old)."""
         saved = (checkpoint.get("hyper_parameters") or {}).get("model_kwargs")
-        if not isinstance(saved, dict) or all(k in saved for k in LAMBDA_OPTIONS):
+        if not getattr(self.model, "attn_options", None) or not isinstance(saved, dict) \
+                or all(k in saved for k in LAMBDA_OPTIONS):
             return None
-        trained = {k: saved.get(k, PAPER_OPTIONS[k]) for k in LAMBDA_OPTIONS}
-        return {**trained, "lambda_init": "schedule" if trained["lambda_init"] is None else trained["lambda_init"]}
+        return _schedule_spelled_out({k: saved.get(k, PAPER_OPTIONS[k]) for k in LAMBDA_OPTIONS})
 
     def adopt_trained_options(self, checkpoint: dict) -> None:
         """Rebuild the model with an older ``checkpoint``'s λ / head-norm choices (``trained_options``) before its
         weights load, so it computes what was trained; choices this module was given explicitly are kept (a
         conflict is then ``checkpoint_mismatch``'s to report)."""
-        options = getattr(self.model, "attn_options", None) or {}
         trained = self.trained_options(checkpoint)
-        if not options or trained is None or trained == options:
+        if trained is None or trained == self.model.attn_options:
             return
-        given = {k: v for k, v in self._given_model_kwargs.items() if k in LAMBDA_OPTIONS}
-        if given.get("lambda_init", "") is None:
-            given["lambda_init"] = "schedule"
+        given = _schedule_spelled_out({k: v for k, v in self._given_model_kwargs.items() if k in LAMBDA_OPTIONS})
         if any(given[k] != trained[k] for k in given):
             return
         rank_zero_info(f"the checkpoint predates the vision defaults (it records no λ / head-norm choice): the "
@@ -252,9 +255,7 @@ class ImageClassifier(WeightsOnlyLoading, pl.LightningModule):
         """``WeightsOnlyLoading.checkpoint_mismatch``, after adopting an older checkpoint's λ / head-norm
         choices as loading it would, and reading its hparams with those choices filled in."""
         self.adopt_trained_options(checkpoint)
-        # only a DIFF / GDA model has λ / head-norm choices: a standard model's checkpoint records none because
-        # there are none, not because it is old (filling them in made every standard checkpoint a mismatch)
-        trained = self.trained_options(checkpoint) if getattr(self.model, "attn_options", None) else None
+        trained = self.trained_options(checkpoint)
         if trained is not None:
             hparams = dict(checkpoint["hyper_parameters"])
             hparams["model_kwargs"] = {**hparams["model_kwargs"], **trained}

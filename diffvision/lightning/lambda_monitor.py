@@ -7,14 +7,14 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from ..attention import DifferentialAttentionV2, GroupedDifferentialAttention
+from ..attention import DifferentialAttentionV2, GroupedDifferentialAttention, attention_layers
 
 __all__ = ["LambdaMonitor", "differential_layers"]
 
 
 def differential_layers(module: nn.Module) -> list[nn.Module]:
     """The DIFF / GDA / DIFF V2 attention modules of ``module``, in definition order (layer 0 is the first block's)."""
-    return [m for m in module.modules() if isinstance(m, (GroupedDifferentialAttention, DifferentialAttentionV2))]
+    return [m for m in attention_layers(module) if m.attn_kind != "standard"]
 
 
 class LambdaMonitor(pl.Callback):
