@@ -95,3 +95,19 @@ def test_result_record_takes_lambda_of_the_last_epoch(tmp_path):
 def test_bad_interval_is_refused():
     with pytest.raises(ValueError, match="every_n_epochs must be a positive int, got 0"):
         LambdaMonitor(every_n_epochs=0)
+
+
+@pytest.mark.parametrize("attn_kind", ["diff", "diffv2"])
+def test_an_ema_copy_does_not_add_layers(attn_kind):
+    """The DiT module holds its transformer and an EMA copy of it: λ is logged once per block, for the
+    trained transformer (issue 16's first DiT runs logged 2 x num_layers values)."""
+    from diffvision.lightning import DiffusionModule
+    from diffvision.lightning.lambda_monitor import differential_layers
+
+    module = DiffusionModule(attn_kind=attn_kind, img_size=8, num_classes=2, fid_num_samples=0, num_sample_images=0,
+                             transformer_kwargs={"num_layers": 3, "num_attention_heads": 2, "attention_head_dim": 8,
+                                                 "patch_size": 2})
+    layers = differential_layers(module)
+    assert len(layers) == 3
+    trained = [m for m in module.transformer.modules() if m in layers]
+    assert trained == layers                        # the transformer's own layers, in block order

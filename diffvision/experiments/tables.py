@@ -25,7 +25,8 @@ __all__ = [
     "unique_text", "write_csv",
 ]
 
-KIND_LABELS = {"standard": "standard", "diff": "DIFF", "gda": "GDA", "diffv2": "DIFF V2"}
+KIND_LABELS = {"standard": "standard", "diff": "DIFF", "gda": "GDA", "diffv2": "DIFF V2",
+               "diff_vision": "DIFF (vision λ: 0.8 fixed)"}  # stage 3 of issue 16 names its DIFF arm apart
 STANDARD_FRACTIONS = (0.01, 0.10, 0.25, 1.0)
 # the issue's reference table (accuracy %, ViT trained from scratch on a fraction of the data)
 REFERENCE = {0.01: (49.71, 53.78), 0.10: (57.25, 67.34), 0.25: (72.25, 74.86), 1.0: (78.49, 78.85)}

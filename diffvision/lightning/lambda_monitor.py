@@ -6,15 +6,26 @@ from typing import Optional
 import lightning.pytorch as pl
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from ..attention import DifferentialAttentionV2, GroupedDifferentialAttention, attention_layers
 
 __all__ = ["LambdaMonitor", "differential_layers"]
 
 
+def _averaged_copies(module: nn.Module) -> list[nn.Module]:
+    """Weight-averaged copies inside ``module`` (torch's ``AveragedModel``, e.g. the DiT's EMA; timm's
+    ``ModelEma*``): they hold a second set of the same attention layers."""
+    from timm.utils import ModelEma, ModelEmaV2, ModelEmaV3
+
+    return [m for m in module.modules() if isinstance(m, (AveragedModel, ModelEma, ModelEmaV2, ModelEmaV3))]
+
+
 def differential_layers(module: nn.Module) -> list[nn.Module]:
-    """The DIFF / GDA / DIFF V2 attention modules of ``module``, in definition order (layer 0 is the first block's)."""
-    return [m for m in attention_layers(module) if m.attn_kind != "standard"]
+    """The DIFF / GDA / DIFF V2 attention modules of the network ``module`` trains, in definition order
+    (layer 0 is the first block's); the layers of a weight-averaged (EMA) copy are not counted again."""
+    in_copies = {id(m) for copy in _averaged_copies(module) for m in copy.modules()}
+    return [m for m in attention_layers(module) if m.attn_kind != "standard" and id(m) not in in_copies]
 
 
 class LambdaMonitor(pl.Callback):
