@@ -371,6 +371,25 @@ def test_report_survives_a_tree_without_finished_runs(tmp_path):
         report.main([str(tmp_path / "absent"), "--out", str(out)])
 
 
+def test_a_one_task_report_leaves_the_other_tasks_files_alone(run_tree, tmp_path):
+    """A DiT-only root reported into a folder that holds a classification report (docs/results/) must not
+    overwrite that report's files with empty tables, nor print empty classification sections."""
+    root, _, fid = run_tree
+    gen_root = tmp_path / "gen_only"
+    gen_root.mkdir()
+    for run in [r for r in root.iterdir() if r.name.startswith("gen_")]:
+        run.rename(gen_root / run.name)
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "classification.md").write_text("an earlier classification report\n")
+    assert report.main([str(gen_root), "--out", str(out)]) == 0
+    assert (out / "classification.md").read_text() == "an earlier classification report\n"
+    assert not (out / "classification.csv").exists()
+    assert len(list(csv.DictReader(open(out / "generation.csv")))) == len(fid)
+    summary = (out / "summary.md").read_text()
+    assert "## Generation" in summary and "## Classification" not in summary
+
+
 # ---------------------------------------------------------------------------------------------
 # the thin scripts of train/ keep their command lines
 # ---------------------------------------------------------------------------------------------

@@ -48,11 +48,17 @@ def write_report(roots: Sequence[Path], out: Path) -> dict[str, Any]:
     files: dict[str, Optional[Path]] = {}
     cls_md = classification_markdown(runs)
     gen_md = generation_markdown(runs)
-    files["classification.csv"] = write_csv(runs, "classification", out / "classification.csv")
-    files["generation.csv"] = write_csv(runs, "generation", out / "generation.csv")
-    (out / "classification.md").write_text("# Classification: data-fraction sweep\n\n" + "\n".join(cls_md) + "\n")
-    (out / "generation.md").write_text("# Generation: DIFF-DiT vs DiT\n\n" + "\n".join(gen_md) + "\n")
-    files["classification.md"], files["generation.md"] = out / "classification.md", out / "generation.md"
+    # A task's files and sections are written only when the roots hold finished runs of it (or nothing at
+    # all): a report of DiT runs into a folder beside a classification report must not blank it.
+    tasks = {r.task for r in runs} or set(TASKS)
+    titles = {"classification": "Classification: data-fraction sweep", "generation": "Generation: DIFF-DiT vs DiT"}
+    for task, md in (("classification", cls_md), ("generation", gen_md)):
+        if task in tasks:
+            files[f"{task}.csv"] = write_csv(runs, task, out / f"{task}.csv")
+            (out / f"{task}.md").write_text(f"# {titles[task]}\n\n" + "\n".join(md) + "\n")
+            files[f"{task}.md"] = out / f"{task}.md"
+        else:
+            files[f"{task}.csv"] = files[f"{task}.md"] = None
     for name, plot in PLOTS.items():
         try:
             files[name] = plot(runs, out / name)
@@ -71,11 +77,14 @@ def write_report(roots: Sequence[Path], out: Path) -> dict[str, Any]:
              f"{counts['generation']} generation runs; incomplete or missing: {len(problems)}.",
              f"Wall time summed over the counted runs: {_hours(total)} (classification {_hours(per_task['classification'])}, "
              f"generation {_hours(per_task['generation'])}); devices: {unique_text(r.result.get('device') for r in runs)}.",
-             "", "## Classification", "", *cls_md, "", "### Best epoch", "",
-             *classification_markdown(runs, metric="best"), "",
-             *image("accuracy_vs_fraction.png"), *image("learning_curves.png"),
-             "## Generation", "", *gen_md, "", *image("fid_vs_step.png"),
-             "## Runs", "", *runs_markdown(runs), "", "## Incomplete and missing runs", ""]
+             ""]
+    if "classification" in tasks:
+        lines += ["## Classification", "", *cls_md, "", "### Best epoch", "",
+                  *classification_markdown(runs, metric="best"), "",
+                  *image("accuracy_vs_fraction.png"), *image("learning_curves.png")]
+    if "generation" in tasks:
+        lines += ["## Generation", "", *gen_md, "", *image("fid_vs_step.png")]
+    lines += ["## Runs", "", *runs_markdown(runs), "", "## Incomplete and missing runs", ""]
     if problems:
         lines += markdown_table(["run", "status", "detail"], [[p.name, p.status, p.detail] for p in problems])
     else:
