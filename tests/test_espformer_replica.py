@@ -5,6 +5,8 @@ index arithmetic for the ``.view`` split), not from the module's code.
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import timm
 import torch
@@ -13,6 +15,7 @@ from diffvision.attention import DifferentialAttention
 from diffvision.experiments.espformer import (
     ESPFORMER_SWITCHES,
     ESPFormerDifAttention,
+    ReplicaLambdaMonitor,
     WideDifferentialAttention,
     view_split_source,
 )
@@ -272,3 +275,29 @@ def test_the_classifier_builds_every_arm_by_name():
 def test_bad_settings_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         timm.create_model(NAME, **kwargs)
+
+
+def test_the_lambda_monitor_logs_each_replica_layer():
+    class Module(torch.nn.Module):
+        def __init__(self, **kwargs):
+            super().__init__()
+            self.model = timm.create_model(NAME, num_classes=2, depth=2, **kwargs)
+            self.logged = {}
+
+        def log_dict(self, values, **kwargs):
+            self.logged.update(values)
+
+    monitor = ReplicaLambdaMonitor(every_n_epochs=10)
+    replica = Module(attention="replica")
+    with torch.no_grad():
+        replica.model.blocks[1].attn.lam.fill_(0.25)
+    monitor.on_train_epoch_end(SimpleNamespace(current_epoch=4, max_epochs=300), replica)
+    assert replica.logged == {}  # epoch 5: not a 10th
+    monitor.on_train_epoch_end(SimpleNamespace(current_epoch=9, max_epochs=300), replica)
+    layers = [b.attn for b in replica.model.blocks]
+    assert replica.logged == {"lambda/layer_0": pytest.approx(float(layers[0].lam.detach())),
+                              "lambda/layer_1": 0.25, "lambda_init/layer_0": layers[0].lambda_init,
+                              "lambda_init/layer_1": layers[1].lambda_init}
+    standard = Module()
+    monitor.on_train_epoch_end(SimpleNamespace(current_epoch=299, max_epochs=300), standard)
+    assert standard.logged == {}

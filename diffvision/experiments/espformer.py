@@ -68,6 +68,7 @@ import math
 from functools import partial
 from typing import Any, Callable, Optional
 
+import lightning.pytorch as pl
 import torch
 import torch.nn as nn
 from timm.layers import Attention
@@ -77,8 +78,8 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from ..attention import VISION_OPTIONS, DifferentialAttention
 from ..choices import check_choice
 
-__all__ = ["ATTENTIONS", "ESPFORMER_SWITCHES", "ESPFormerDifAttention", "ESPFormerViT", "WideDifferentialAttention",
-           "view_split_source"]
+__all__ = ["ATTENTIONS", "ESPFORMER_SWITCHES", "ESPFormerDifAttention", "ESPFormerViT", "ReplicaLambdaMonitor",
+           "WideDifferentialAttention", "view_split_source"]
 
 # ESPFormer's settings of every switch of the replica
 ESPFORMER_SWITCHES: dict[str, Any] = dict(widen=True, view_split=True, lambda_init="uniform",
@@ -148,7 +149,9 @@ class ESPFormerDifAttention(nn.Module):
         if _check_bool("lambda_init_in_state", lambda_init_in_state):
             self.register_buffer("lambda_init", torch.tensor(start))
         else:
-            self.lambda_init = start  # ESPFormer: a plain attribute, so a reload draws it again
+            # ESPFormer: a plain attribute, so a reload draws it again (the CLI seeds before it builds the model, so a
+            # resumed run draws the same value)
+            self.lambda_init = start
         self.lam = nn.Parameter(torch.tensor([start]))
 
     @staticmethod
@@ -195,6 +198,30 @@ class ESPFormerDifAttention(nn.Module):
         return (f"num_heads={self.num_heads}, width={self.width}, value_width={self.value_width}, "
                 f"view_split={self.view_split}, lambda_init={float(self.lambda_init):.4f}, "
                 f"head_norm={self.head_norm!r}, scale={self.scale:.4f}")
+
+
+class ReplicaLambdaMonitor(pl.Callback):
+    """Logs the replica's learned λ per layer as ``lambda/layer_<i>`` (the key ``LambdaMonitor`` uses for
+    diffvision's layers, so a run's ``result.json`` gets ``lambda_per_layer``) and the drawn λinit as
+    ``lambda_init/layer_<i>``, at the end of every ``every_n_epochs``-th training epoch and the last one.
+    A model without replica layers logs nothing."""
+
+    def __init__(self, every_n_epochs: int = 1) -> None:
+        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be a positive int, got {every_n_epochs!r}")
+        self.every_n_epochs = every_n_epochs
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch + 1
+        if epoch % self.every_n_epochs and epoch != trainer.max_epochs:
+            return
+        layers = [m for m in pl_module.modules() if isinstance(m, ESPFormerDifAttention)]
+        values = {}
+        for i, layer in enumerate(layers):
+            values[f"lambda/layer_{i}"] = float(layer.lam.detach().float())
+            values[f"lambda_init/layer_{i}"] = float(layer.lambda_init)
+        if values:
+            pl_module.log_dict(values, on_step=False, on_epoch=True, rank_zero_only=True)
 
 
 class WideDifferentialAttention(DifferentialAttention):
