@@ -17,8 +17,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ..attention import LAMBDA_OPTIONS, PAPER_OPTIONS
 from .loading import WeightsOnlyLoading
-from .optim import (build_lr_scheduler, check_lr_milestones, default_adamw, param_groups, run_seed, shows_progress_bar,
-                    step_rng, step_seed)
+from .optim import build_lr_scheduler, default_adamw, param_groups, run_seed, shows_progress_bar, step_rng, step_seed
+from .optim import check_lr_milestones
 
 __all__ = ["ImageClassifier", "check_labels", "check_model_name", "check_patch_grid", "create_classifier"]
 
@@ -186,20 +186,19 @@ class ImageClassifier(WeightsOnlyLoading, pl.LightningModule):
         warmup_epochs: float = 0.0,
         warmup_steps: int = 0,
         min_lr_ratio: float = 0.0,
-        lr_milestones: Optional[list[int]] = None,
-        lr_gamma: float = 0.1,
         compile: bool = False,
         compile_kwargs: Optional[dict[str, Any]] = None,
         class_names: Optional[Sequence[str]] = None,
         mean: Optional[Sequence[float]] = None,
         std: Optional[Sequence[float]] = None,
+        lr_milestones: Optional[list[int]] = None,
+        lr_gamma: float = 0.1,
     ) -> None:
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
-        check_lr_milestones(lr_milestones, lr_gamma)
         self.save_hyperparameters()
         self.model_kwargs = dict(model_kwargs or {})
         self._given_model_kwargs = dict(self.model_kwargs)  # before the model's own choices are filled in
@@ -207,6 +206,7 @@ class ImageClassifier(WeightsOnlyLoading, pl.LightningModule):
         # older checkpoint's hparams still compare equal); every (re)build uses this one
         self._img_size = img_size if img_size is not None else self.model_kwargs.get("img_size")
         self._build_model(self.model_kwargs, pretrained)
+        check_lr_milestones(lr_milestones, lr_gamma)  # a bad milestone is an error before anything runs
         self.optimizer_factory = optimizer
         self.class_names = list(class_names) if class_names is not None else None
         self.mean = tuple(mean) if mean is not None else None

@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -45,7 +45,7 @@ def param_groups(model: nn.Module, no_weight_decay: Iterable[str] = ()) -> list[
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str = "cosine",
-              min_lr_ratio: float = 0.0, decay_steps: Sequence[int] = (), gamma: float = 0.1) -> float:
+              min_lr_ratio: float = 0.0, decay_steps: Iterable[int] = (), gamma: float = 0.1) -> float:
     """LR multiplier for optimizer step ``step`` (0-based).
 
     Linear warmup ``(step + 1) / warmup_steps`` for the first ``warmup_steps`` steps, then
@@ -71,7 +71,7 @@ def _schedule_factor(step: int, warmup_steps: int, total_steps: int, schedule: s
     raise ValueError(f"unknown lr_schedule {schedule!r}; accepted: {list(LR_SCHEDULES)}")
 
 
-def check_lr_milestones(milestones: Optional[Sequence[int]], gamma: float) -> tuple[int, ...]:
+def check_lr_milestones(milestones: Iterable[int] | None, gamma: float) -> tuple[int, ...]:
     """``milestones`` (epochs) as a tuple of increasing positive ints; ``gamma`` must be in (0, 1]."""
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
         raise ValueError(f"lr_gamma must be a number in (0, 1] (the LR is multiplied by it at each milestone), "
@@ -84,7 +84,7 @@ def check_lr_milestones(milestones: Optional[Sequence[int]], gamma: float) -> tu
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, trainer, warmup_epochs: float, warmup_steps: int,
-                       schedule: str, min_lr_ratio: float, milestones: Optional[Sequence[int]] = None,
+                       schedule: str, min_lr_ratio: float, milestones: Iterable[int] | None = None,
                        gamma: float = 0.1) -> dict:
     """A per-step ``LambdaLR`` for Lightning: warmup from epochs (via the trainer's steps per epoch)
     or steps, then ``schedule`` to the end of training (``trainer.estimated_stepping_batches``); the LR is
