@@ -1,12 +1,12 @@
 """Sweep specs: a YAML file -> jobs (arm x fraction x seed) -> the command lines that run them.
 
+A job's seed seeds the run and, by default, picks its training subset (``--data.fraction_seed``); a spec's
+optional ``fraction_seed`` fixes the subset instead, the same for every seed (ESPFormer's protocol, issue 17).
+
 A spec names a ``diffvision fit`` config and what to vary; see ``configs/sweeps/``. Its ``arms`` are the
 named models compared: a timm model name (classification) or an ``attn_kind`` (generation), each with
 optional per-arm keywords (an arm is an attention kind plus settings, e.g. DIFF with λinit 0.8). Every
 job goes through the same CLI and configs users have, into ``<root>/<arm>_f<fraction>_s<seed>/``.
-
-A job's seed seeds the run and, by default, picks its training subset (``--data.fraction_seed``); a spec's
-optional ``fraction_seed`` fixes the subset instead, the same for every seed (ESPFormer's protocol, issue 17).
 """
 from __future__ import annotations
 
@@ -75,13 +75,13 @@ def load_spec(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}; accepted: {sorted(REQUIRED_KEYS | OPTIONAL_KEYS)}")
     if spec["task"] not in TASKS:
         raise ValueError(f"{path}: task must be one of {TASKS}, got {spec['task']!r}")
-    fixed = spec.get("fraction_seed")
-    if fixed is not None and (isinstance(fixed, bool) or not isinstance(fixed, int) or fixed < 0):
-        raise ValueError(f"{path}: fraction_seed must be a non-negative int (the subset of every run), got {fixed!r}")
     spec["epochs"] = {float(f): int(e) for f, e in spec["epochs"].items()}
     for fraction, epochs in spec["epochs"].items():
         if not 0 < fraction <= 1 or epochs < 1:
             raise ValueError(f"{path}: epochs maps a fraction in (0, 1] to epochs >= 1, got {fraction}: {epochs}")
+    fixed = spec.get("fraction_seed")
+    if fixed is not None and (isinstance(fixed, bool) or not isinstance(fixed, int) or fixed < 0):
+        raise ValueError(f"{path}: fraction_seed must be a non-negative int (the subset of every run), got {fixed!r}")
     return spec
 
 
