@@ -153,7 +153,10 @@ class ImageDataModule(pl.LightningDataModule):
         root: Optional[str] = None,
         data_fraction: float = 1.0,
         fraction_seed: int = 0,
+        fraction_mode: str = "stratified",
+        classes: Optional[list[Union[int, str]]] = None,
         augment: str = "basic",
+        normalize: bool = True,
         img_size: Optional[int] = None,
         batch_size: int = 128,
         eval_batch_size: Optional[int] = None,
@@ -162,9 +165,6 @@ class ImageDataModule(pl.LightningDataModule):
         download: bool = True,
         shuffle_seed: Optional[int] = None,
         augment_on_device: bool = False,
-        classes: Optional[list[Union[int, str]]] = None,
-        fraction_mode: str = "stratified",
-        normalize: bool = True,
     ) -> None:
         super().__init__()
         if dataset not in DATASETS:
