@@ -10,6 +10,8 @@ from diffvision.cli import DiffvisionCLI
 from diffvision.experiments import specs
 
 SPECS = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
+# specs whose arms differ in parameters by design (ESPFormer's replica: tests/test_espformer_sweep.py checks them)
+UNEQUAL_BY_DESIGN = {"espformer_catdog"}
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +41,8 @@ def test_spec_arms_build_with_equal_parameters(spec_path, data_roots, tmp_path):
         assert cli.trainer.check_val_every_n_epoch == job.val_every
         params[job.arm] = sum(p.numel() for p in cli.model.parameters() if p.requires_grad)
     assert set(params) == set(spec["arms"])
+    if spec_path.stem in UNEQUAL_BY_DESIGN:
+        return
     reference = params.get("standard", max(params.values()))
     # "equal parameter count": within 0.2% of the standard model (DIFF V2's W_λ, dim x heads per block,
     # is the largest addition: 0.17% for ViT-Ti/4)

@@ -104,8 +104,12 @@ def test_registered_names_exist_and_do_not_shadow_timm():
     assert sorted(timm.list_models('diff_vit*')) == sorted(DIFF_NAMES)
     assert sorted(timm.list_models('gda_vit*')) == sorted(GDA_NAMES)
     assert sorted(timm.list_models('diffv2_vit*')) == sorted(DIFFV2_NAMES)
-    ours = [n for n in timm.list_models() if timm.models.model_entrypoint(n).__module__.startswith('diffvision')]
+    modules = {n: timm.models.model_entrypoint(n).__module__ for n in timm.list_models()}
+    ours = [n for n, module in modules.items() if module.startswith('diffvision.models')]
     assert sorted(ours) == sorted(ALL_NAMES)
+    # experiment replicas (issue 17) register outside diffvision.models, under a prefix that says so
+    others = [n for n, module in modules.items() if module.startswith('diffvision') and n not in ours]
+    assert all(n.startswith('espformer_') for n in others), others
     for name in ('vit_tiny_patch16_224', 'vit_small_patch16_224', 'vit_base_patch16_224'):
         assert timm.models.model_entrypoint(name).__module__ == 'timm.models.vision_transformer'
 

@@ -271,7 +271,7 @@ class GroupedDifferentialAttention(nn.Module):
         """Project tokens to (q1, k1, q2, k2, v) in the kernel's ``(B, heads, N, dim)`` layout."""
         B, N, C = x.shape
         Hs, Hn, G, d = self.signal_heads, self.noise_heads, self.group, self.head_dim
-        q, k, v = self.qkv(x).split([C, C, C], dim=-1)
+        q, k, v = self.qkv(x).chunk(3, dim=-1)  # q, k, v of the attention's width (not necessarily C)
         q = self.q_norm(q.view(B, N, Hn, G + 1, d))
         k = self.k_norm(k.view(B, N, Hn, G + 1, d))
         # split (not slicing) so the backward assembles the qkv gradient with one cat per tensor
@@ -311,7 +311,7 @@ class GroupedDifferentialAttention(nn.Module):
             out = differential_attention(q1, k1, q2, k2, v, self.lam(), attn_mask=attn_mask, is_causal=is_causal,
                                          dropout_p=dropout_p, backend=self.backend)
         out = self.head_norm(out)
-        out = self.norm(out.transpose(1, 2).reshape(B, N, C))
+        out = self.norm(out.transpose(1, 2).reshape(B, N, -1))
         return self.proj_drop(self.proj(out))
 
     def attention_maps(self, x: Tensor, attn_mask: Optional[Tensor] = None,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -13,9 +14,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .datasets import DATASETS, ImageArrays, dataset_info, default_root, load_split
-from .fractions import check_fraction, check_seed, stratified_subset
-from .transforms import PRESETS, BatchImageTransform, ImageTransform, build_transforms
+from .datasets import DATASETS, ImageArrays, dataset_info, default_root, load_split, resolve_classes, select_classes
+from .fractions import FRACTION_MODES, check_fraction, check_seed, training_subset
+from .transforms import CPU_ONLY_PRESETS, PRESETS, BatchImageTransform, ImageTransform, build_transforms
 
 __all__ = ["ImageDataModule", "ArrayImageDataset", "UInt8ImageDataset", "EpochSampler", "SUBSET_FILENAME",
            "class_interleaved_order"]
@@ -137,6 +138,13 @@ class ImageDataModule(pl.LightningDataModule):
             for GPUs whose CPU workers cannot keep up with small models. Same presets and
             per-(seed, epoch, image) randomness, different draws than the CPU path. Loaders used
             outside a Trainer then yield ``(uint8 images, labels, keys)``.
+        classes: keep only these classes of the source (indices or names, e.g. ``[3, 5]`` or
+            ``[cat, dog]`` of CIFAR-10), in every split, relabelled ``0, 1, ...`` in the order given.
+        fraction_mode: ``stratified`` (default) or ``unstratified``: ``data_fraction`` keeps a prefix of one
+            random order of the whole training split, classes ignored (ESPFormer's subsets; see
+            :mod:`diffvision.data.fractions`).
+        normalize: ``False`` feeds pixels in ``[0, 1]`` (mean 0, std 1) instead of normalising with the
+            dataset's statistics.
     """
 
     def __init__(
@@ -145,7 +153,10 @@ class ImageDataModule(pl.LightningDataModule):
         root: Optional[str] = None,
         data_fraction: float = 1.0,
         fraction_seed: int = 0,
+        fraction_mode: str = "stratified",
+        classes: Optional[list[Union[int, str]]] = None,
         augment: str = "basic",
+        normalize: bool = True,
         img_size: Optional[int] = None,
         batch_size: int = 128,
         eval_batch_size: Optional[int] = None,
@@ -166,6 +177,10 @@ class ImageDataModule(pl.LightningDataModule):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if shuffle_seed is not None:
             check_seed(shuffle_seed)
+        if fraction_mode not in FRACTION_MODES:
+            raise ValueError(f"unknown fraction_mode {fraction_mode!r}; accepted: {list(FRACTION_MODES)}")
+        if augment_on_device and augment in CPU_ONLY_PRESETS:
+            raise ValueError(f"augment={augment!r} runs on the CPU only: set augment_on_device: false")
         self.save_hyperparameters()
         self.dataset = dataset
         self.root = Path(root) if root is not None else default_root(dataset)
@@ -181,6 +196,13 @@ class ImageDataModule(pl.LightningDataModule):
         self.augment_on_device = bool(augment_on_device)
         self._batch_transforms: dict[bool, BatchImageTransform] = {}
         self.info = dataset_info(dataset, self.root, img_size)
+        self.fraction_mode = fraction_mode
+        self.classes = None if classes is None else resolve_classes(classes, self.info.class_names)
+        if self.classes is not None:
+            self.info = dataclasses.replace(self.info, num_classes=len(self.classes),
+                                            class_names=tuple(self.info.class_names[c] for c in self.classes))
+        if not normalize:
+            self.info = dataclasses.replace(self.info, mean=(0.0,) * self.info.in_chans, std=(1.0,) * self.info.in_chans)
         if self.info.native_size is None and img_size is None:
             raise ValueError("dataset='imagefolder' needs img_size (images are resized to img_size x img_size)")
         self._img_size = img_size or self.info.native_size
@@ -234,6 +256,8 @@ class ImageDataModule(pl.LightningDataModule):
     def _load(self, split: str) -> ImageArrays:
         arrays = load_split(self.dataset, split, self.root, img_size=self._img_size, cache_dir=self.cache_dir,
                             download=self.download)
+        if self.classes is not None:
+            arrays = select_classes(arrays, self.classes)
         if arrays.images.shape[1:3] != (self._img_size, self._img_size):
             arrays = ImageArrays(_resize_uint8(arrays.images, self._img_size), arrays.labels, arrays.classes)
         if arrays.images.shape[3] != self.in_chans:
@@ -258,8 +282,8 @@ class ImageDataModule(pl.LightningDataModule):
         if stage in (None, "fit") and self.train_dataset is None:
             train = self._load("train")
             self._train_size = len(train.labels)
-            self.subset_indices = stratified_subset(train.labels, self.data_fraction, self.fraction_seed,
-                                                    train.classes)
+            self.subset_indices = training_subset(train.labels, self.data_fraction, self.fraction_seed,
+                                                  self.fraction_mode, train.classes)
             indices = None if len(self.subset_indices) == len(train.labels) else self.subset_indices
             self.train_dataset = self._dataset(train, self.train_transform, indices, seed=self._shuffle_seed)
         if stage in (None, "fit"):
@@ -306,6 +330,8 @@ class ImageDataModule(pl.LightningDataModule):
             "split": "train",
             "data_fraction": self.data_fraction,
             "fraction_seed": self.fraction_seed,
+            "fraction_mode": self.fraction_mode,
+            "classes": self.classes,
             "num_samples": int(len(self.subset_indices)),
             "num_train_total": int(self._train_size),
             "per_class": {name: int(n) for name, n in zip(self.class_names, per_class)},
@@ -338,7 +364,8 @@ class ImageDataModule(pl.LightningDataModule):
     # ---- checkpoints: a resumed run must train on the same subset ---------------------------------
 
     def state_dict(self) -> dict:
-        state = {"dataset": self.dataset, "data_fraction": self.data_fraction, "fraction_seed": self.fraction_seed}
+        state = {"dataset": self.dataset, "data_fraction": self.data_fraction, "fraction_seed": self.fraction_seed,
+                 "fraction_mode": self.fraction_mode, "classes": self.classes}
         if self.subset_indices is not None:
             state.update(num_samples=int(len(self.subset_indices)), subset_sha1=self._subset_sha1())
         return state

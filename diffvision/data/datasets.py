@@ -51,6 +51,8 @@ __all__ = [
     "read_idx",
     "read_imagefolder",
     "decode_cache_key",
+    "resolve_classes",
+    "select_classes",
 ]
 
 DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "cifar10_npz", "fashion_mnist_debian",
@@ -485,3 +487,35 @@ def load_split(
                                "shape": list(arrays.images.shape)}))
     tmp.replace(meta_path)  # written last: its presence marks a complete cache entry
     return ImageArrays(np.load(images_path, mmap_mode="r"), np.load(labels_path), list(arrays.classes))
+
+
+# ---------------------------------------------------------------------------------------------
+# A subset of the classes (e.g. CIFAR-10's cat and dog as a binary task)
+# ---------------------------------------------------------------------------------------------
+
+def resolve_classes(classes: Sequence, class_names: Sequence[str]) -> list[int]:
+    """The source's class indices of ``classes`` (indices or names, at least two, no repeats), in the order given."""
+    if isinstance(classes, (str, bytes)) or not isinstance(classes, Sequence) or len(classes) < 2:
+        raise ValueError(f"classes must be a list of at least 2 class indices or names, got {classes!r}")
+    indices = []
+    for c in classes:
+        if isinstance(c, str) and c in class_names:
+            indices.append(list(class_names).index(c))
+        elif not isinstance(c, bool) and isinstance(c, int) and 0 <= c < len(class_names):
+            indices.append(int(c))
+        else:
+            raise ValueError(f"class {c!r} is not one of the dataset's: indices 0..{len(class_names) - 1} or names "
+                             f"{list(class_names)}")
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"classes {list(classes)} name a class twice")
+    return indices
+
+
+def select_classes(arrays: ImageArrays, classes: Sequence[int]) -> ImageArrays:
+    """The images of ``classes`` (source indices) only, in their order, relabelled ``0 .. len(classes) - 1`` in
+    the order of ``classes``."""
+    relabel = np.full(len(arrays.classes), -1, dtype=np.int64)
+    relabel[list(classes)] = np.arange(len(classes))
+    keep = np.flatnonzero(relabel[arrays.labels] >= 0)
+    return ImageArrays(np.asarray(arrays.images[keep]), relabel[arrays.labels[keep]],
+                       [arrays.classes[c] for c in classes])

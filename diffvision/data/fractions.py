@@ -10,6 +10,11 @@ samples of that order. So the subset is stratified (each class keeps its share),
 above, nothing random about them) and nested: for one seed, ``f1 <= f2`` gives a subset of ``f2``'s.
 For CIFAR-10 (5000 per class) 1% keeps 50 per class = 500, 10% keeps 5000, 25% keeps 12500.
 A fraction that would leave some class with no sample is rejected.
+
+``fraction_mode="unstratified"`` (:func:`unstratified_subset`) is the other protocol, ESPFormer's: one random
+order of the whole training split, from ``numpy.random.default_rng(seed)``, and a fraction keeps its first
+``floor(f * n + 1/2)`` samples, whatever their classes. Also nested; with one seed for every run (as ESPFormer
+draws its subsets once) every run trains on the same images.
 """
 from __future__ import annotations
 
@@ -20,7 +25,12 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-__all__ = ["check_fraction", "check_seed", "per_class_counts", "smallest_fraction", "stratified_subset"]
+from ..choices import check_choice
+
+__all__ = ["FRACTION_MODES", "check_fraction", "check_seed", "per_class_counts", "smallest_fraction",
+           "stratified_subset", "training_subset", "unstratified_subset"]
+
+FRACTION_MODES = ("stratified", "unstratified")
 
 
 def check_fraction(fraction) -> float:
@@ -108,3 +118,22 @@ def stratified_subset(
         order = np.random.default_rng([seed, int(c)]).permutation(members.size)
         keep.append(members[order[:k]])
     return np.sort(np.concatenate(keep)).astype(np.int64)
+
+
+def unstratified_subset(num_samples: int, fraction: float, seed: int) -> np.ndarray:
+    """Indices (sorted, int64) of the first ``floor(fraction * num_samples + 1/2)`` samples of one random
+    order of all ``num_samples`` (``default_rng(seed).permutation``): nested in ``fraction``, blind to classes."""
+    fraction, seed = check_fraction(fraction), check_seed(seed)
+    count = per_class_counts([num_samples], fraction)[0]
+    if count == 0:
+        raise ValueError(f"data_fraction={fraction} keeps no sample of {num_samples} (floor(fraction * n + 1/2) = 0); "
+                         f"use data_fraction >= {smallest_fraction(num_samples)}")
+    return np.sort(np.random.default_rng(seed).permutation(num_samples)[:count]).astype(np.int64)
+
+
+def training_subset(labels, fraction: float, seed: int, mode: str = "stratified",
+                    class_names: Optional[Sequence[str]] = None) -> np.ndarray:
+    """The training subset of ``fraction_mode`` ``mode``: :func:`stratified_subset` or :func:`unstratified_subset`."""
+    if check_choice("fraction_mode", mode, FRACTION_MODES) == "stratified":
+        return stratified_subset(labels, fraction, seed, class_names)
+    return unstratified_subset(len(labels), fraction, seed)

@@ -14,17 +14,58 @@ preset         training                                             evaluation
                horizontal flip, normalise (the CIFAR recipe)
 ``diffusion``  horizontal flip, scale to ``[-1, 1]``                scale to ``[-1, 1]``
 =============  ===================================================  ==========================
+
+``random_resized_crop`` trains on a random resized crop (area 8-100 %, aspect ratio 3/4-4/3, sampled as
+torchvision's ``RandomResizedCrop``) scaled back to the image's size, then a horizontal flip, then normalises;
+evaluation only normalises. It is ESPFormer's training transform, and runs on the CPU only (not with
+``augment_on_device``).
+``ImageDataModule(normalize=False)`` sets mean 0 and std 1: pixels in ``[0, 1]``, as ``ToTensor()`` alone.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["PRESETS", "ImageTransform", "BatchImageTransform", "augmentation_draws", "build_transforms"]
+__all__ = ["PRESETS", "ImageTransform", "BatchImageTransform", "augmentation_draws", "build_transforms",
+           "random_resized_crop", "resized_crop_box"]
 
-PRESETS = ("none", "flip", "basic", "diffusion")
+PRESETS = ("none", "flip", "basic", "diffusion", "random_resized_crop")
+CPU_ONLY_PRESETS = ("random_resized_crop",)
+
+
+def resized_crop_box(height: int, width: int, rng: np.random.Generator, scale=(0.08, 1.0),
+                     ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of a random crop as torchvision's ``RandomResizedCrop.get_params`` samples it: up to 10
+    tries of an area fraction ~ U(scale) and a log-uniform aspect ratio that fit the image, else the largest
+    centred crop of an aspect ratio within ``ratio``; here drawn from ``rng``."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    if width / height < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif width / height > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def random_resized_crop(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A :func:`resized_crop_box` crop of a uint8 ``(H, W, C)`` image, resized (bilinear) back to ``(H, W)``, uint8."""
+    height, width = image.shape[:2]
+    top, left, h, w = resized_crop_box(height, width, rng)
+    crop = torch.from_numpy(np.array(image[top:top + h, left:left + w], dtype=np.float32)).permute(2, 0, 1)
+    resized = torch.nn.functional.interpolate(crop[None], size=(height, width), mode="bilinear", align_corners=False,
+                                              antialias=True)[0]
+    return resized.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
 
 
 class ImageTransform:
@@ -35,8 +76,9 @@ class ImageTransform:
         if preset not in PRESETS:
             raise ValueError(f"unknown augmentation preset {preset!r}; accepted: {list(PRESETS)}")
         self.preset, self.train = preset, train
-        self.flip = train and preset in ("flip", "basic", "diffusion")
+        self.flip = train and preset in ("flip", "basic", "diffusion", "random_resized_crop")
         self.crop = train and preset == "basic"
+        self.resized_crop = train and preset == "random_resized_crop"
         self.padding = padding
         self.minus_one_one = preset == "diffusion"
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
@@ -44,7 +86,7 @@ class ImageTransform:
 
     @property
     def random(self) -> bool:
-        return self.flip or self.crop
+        return self.flip or self.crop or self.resized_crop
 
     def __call__(self, image: np.ndarray, rng: Optional[np.random.Generator] = None) -> torch.Tensor:
         if self.random:
@@ -56,6 +98,8 @@ class ImageTransform:
                 padded = np.pad(image, ((p, p), (p, p), (0, 0)))
                 top, left = rng.integers(0, 2 * p + 1, size=2)
                 image = padded[top:top + h, left:left + w]
+            if self.resized_crop:
+                image = random_resized_crop(image, rng)
             if self.flip and rng.random() < 0.5:
                 image = image[:, ::-1]
         # a copy: the source may be a read-only memory map

@@ -21,4 +21,6 @@ entry points that call ``main`` of a module here; tests and studies import the m
 * ``attention_pictures``: per-head pictures of the maps of a few images.
 * ``attention_report``: the whole attention-map run; ``main`` is ``train/attention_maps.py``.
 * ``fid_eval``: FID of a diffusion checkpoint; ``main`` is ``train/fid_eval.py``.
+* ``espformer``: an experiment replica of ESPFormer's ViT and "DiffTransformer" attention (issue 17), the timm
+  model ``espformer_vit_patch4_32`` (registered on import, which ``ImageClassifier`` does for ``espformer_*`` names).
 """

@@ -40,13 +40,13 @@ def _hours(seconds: float) -> str:
     return f"{seconds / 3600:.2f} h ({seconds:,.0f} s)"
 
 
-def write_report(roots: Sequence[Path], out: Path) -> dict[str, Any]:
-    """Tables, CSV files, plots and ``summary.md`` of the runs under ``roots``; returns
-    ``{"runs": [...], "problems": [...], "files": {name: path or None}}``."""
+def write_report(roots: Sequence[Path], out: Path, baseline: str = "standard") -> dict[str, Any]:
+    """Tables, CSV files, plots and ``summary.md`` of the runs under ``roots``, the paired differences taken to the
+    runs of kind (arm) ``baseline``; returns ``{"runs": [...], "problems": [...], "files": {name: path or None}}``."""
     out.mkdir(parents=True, exist_ok=True)
     runs, problems = discover(roots)
     files: dict[str, Optional[Path]] = {}
-    cls_md = classification_markdown(runs)
+    cls_md = classification_markdown(runs, baseline=baseline)
     gen_md = generation_markdown(runs)
     # A task's files and sections are written only when the roots hold finished runs of it (or nothing at
     # all): a report of DiT runs into a folder beside a classification report must not blank it.
@@ -80,7 +80,7 @@ def write_report(roots: Sequence[Path], out: Path) -> dict[str, Any]:
              ""]
     if "classification" in tasks:
         lines += ["## Classification", "", *cls_md, "", "### Best epoch", "",
-                  *classification_markdown(runs, metric="best"), "",
+                  *classification_markdown(runs, metric="best", baseline=baseline), "",
                   *image("accuracy_vs_fraction.png"), *image("learning_curves.png")]
     if "generation" in tasks:
         lines += ["## Generation", "", *gen_md, "", *image("fid_vs_step.png")]
@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Aggregate finished runs (<root>/<experiment>/result.json + version_*/metrics.csv) into "
                     "markdown tables (mean ± std over seeds), CSV files and plots.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--baseline", default="standard",
+                   help="the arm (kind) the paired differences are taken to, e.g. replica (issue 17's confounds)")
     return add_report_arguments(p)
 
 
@@ -118,7 +120,8 @@ def run_report(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
     absent = [str(r) for r in args.roots if not r.is_dir()]
     if absent:
         parser.error(f"RUNS_ROOT not found (expected directories of runs): {', '.join(absent)}")
-    report = write(args.roots, args.out)
+    options = {k: v for k, v in vars(args).items() if k not in ("roots", "out")}  # a script's own options
+    report = write(args.roots, args.out, **options)
     print(f"{len(report['runs'])} runs counted, {len(report['problems'])} incomplete or missing")
     for problem in report["problems"]:
         print(f"  {problem.status:9s} {problem.name}: {problem.detail}")

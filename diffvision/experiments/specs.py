@@ -1,5 +1,8 @@
 """Sweep specs: a YAML file -> jobs (arm x fraction x seed) -> the command lines that run them.
 
+A job's seed seeds the run and, by default, picks its training subset (``--data.fraction_seed``); a spec's
+optional ``fraction_seed`` fixes the subset instead, the same for every seed (ESPFormer's protocol, issue 17).
+
 A spec names a ``diffvision fit`` config and what to vary; see ``configs/sweeps/``. Its ``arms`` are the
 named models compared: a timm model name (classification) or an ``attn_kind`` (generation), each with
 optional per-arm keywords (an arm is an attention kind plus settings, e.g. DIFF with λinit 0.8). Every
@@ -23,7 +26,7 @@ __all__ = ["REPO", "Job", "arm_entry", "build_jobs", "extra_value", "fid_command
 # The checkout: specs name their configs relative to it, runs start in it, and train/ holds the scripts.
 REPO = Path(__file__).resolve().parents[2]
 REQUIRED_KEYS = {"task", "config", "arms", "epochs", "seeds"}
-OPTIONAL_KEYS = {"validations", "fid"}
+OPTIONAL_KEYS = {"validations", "fid", "fraction_seed"}
 
 
 @dataclass
@@ -76,6 +79,9 @@ def load_spec(path: Path) -> dict[str, Any]:
     for fraction, epochs in spec["epochs"].items():
         if not 0 < fraction <= 1 or epochs < 1:
             raise ValueError(f"{path}: epochs maps a fraction in (0, 1] to epochs >= 1, got {fraction}: {epochs}")
+    fixed = spec.get("fraction_seed")
+    if fixed is not None and (isinstance(fixed, bool) or not isinstance(fixed, int) or fixed < 0):
+        raise ValueError(f"{path}: fraction_seed must be a non-negative int (the subset of every run), got {fixed!r}")
     return spec
 
 
@@ -147,7 +153,7 @@ def fit_command(spec: dict, job: Job) -> list[str]:
     cmd = [sys.executable, "-m", "diffvision.cli", "fit", "--config", str(spec["config"]),
            "--experiment", job.name, "--trainer.default_root_dir", str(job.root),
            "--seed_everything", str(job.seed), "--data.data_fraction", str(job.fraction),
-           "--data.fraction_seed", str(job.seed), "--trainer.max_epochs", str(job.epochs),
+           "--data.fraction_seed", str(spec.get("fraction_seed", job.seed)), "--trainer.max_epochs", str(job.epochs),
            "--trainer.check_val_every_n_epoch", str(job.val_every)]
     if spec["task"] == "classification":
         cmd += ["--model.init_args.model_name", job.model]

@@ -122,7 +122,9 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
-def classification_markdown(runs: Sequence[Run], metric: str = "final") -> list[str]:
+def classification_markdown(runs: Sequence[Run], metric: str = "final", baseline: str = "standard") -> list[str]:
+    """The accuracy table: one column per kind (arm), the paired difference of every other kind to ``baseline``
+    (e.g. ``replica``: what removing each of its confounds changes), and the issue's reference table."""
     runs = [r for r in runs if r.task == "classification"]
     if metric == "best":  # best val/acc1 over the run, where result.json has it
         runs = [Run(r.name, r.path, dict(r.result, final={"val/acc1": r.result["best"]["val/acc1"]}))
@@ -132,19 +134,20 @@ def classification_markdown(runs: Sequence[Run], metric: str = "final") -> list[
         return ["_no finished classification runs_"]
     kinds = kinds_of(runs)
     cells = classification_cells(runs)
-    others = [k for k in kinds if k != "standard"] if "standard" in kinds else []
-    header = (["fraction"] + [kind_label(k) for k in kinds] + [f"{kind_label(k)} − standard (paired)" for k in others]
+    others = [k for k in kinds if k != baseline] if baseline in kinds else []
+    header = (["fraction"] + [kind_label(k) for k in kinds]
+              + [f"{kind_label(k)} − {kind_label(baseline)} (paired)" for k in others]
               + ["ref. Transformer", "ref. DiffTransformer"])
     rows = []
     for fraction in fractions_of(runs, STANDARD_FRACTIONS):
         row = [percent(fraction)] + [_cell_text(cells, fraction, k) for k in kinds]
-        row += [format_mean_std(*paired_delta(runs, fraction, k), signed=True) for k in others]
+        row += [format_mean_std(*paired_delta(runs, fraction, k, baseline), signed=True) for k in others]
         ref = REFERENCE.get(fraction)
         row += [f"{ref[0]:.2f}", f"{ref[1]:.2f}"] if ref else ["—", "—"]
         rows.append(row)
     what = "final" if metric == "final" else "best (max over epochs)"
     lines = [f"{what.capitalize()} validation top-1 accuracy (%), mean ± sample std (number of seeds); the paired "
-             "columns are the per-seed difference to the standard ViT. `ref.`: the issue's reference table "
+             f"columns are the per-seed difference to `{baseline}`. `ref.`: the issue's reference table "
              "(a different task and protocol), for reading only.", ""]
     lines += markdown_table(header, rows)
     if metric != "final":

@@ -18,6 +18,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from ..attention import LAMBDA_OPTIONS, PAPER_OPTIONS
 from .loading import WeightsOnlyLoading
 from .optim import build_lr_scheduler, default_adamw, param_groups, run_seed, shows_progress_bar, step_rng, step_seed
+from .optim import check_lr_milestones
 
 __all__ = ["ImageClassifier", "check_labels", "check_model_name", "check_patch_grid", "create_classifier"]
 
@@ -26,10 +27,18 @@ warnings.filterwarnings("ignore", message="You have overridden `on_before_batch_
                                           "but have passed in a `LightningDataModule`")
 
 
-def _register_diffvision_models() -> None:
-    """Our timm models register on import of ``diffvision.models``."""
+# Experiment-only timm models (ESPFormer's ViT, issue 17): registered on the first use of their prefix, never
+# together with diffvision's own models
+EXPERIMENT_MODELS = {"espformer_": "diffvision.experiments.espformer"}
+
+
+def _register_diffvision_models(model_name: str = "") -> None:
+    """Our timm models register on import of ``diffvision.models``; an experiment's when its name is asked for."""
     if importlib.util.find_spec("diffvision.models") is not None:
         importlib.import_module("diffvision.models")
+    for prefix, module in EXPERIMENT_MODELS.items():
+        if model_name.startswith(prefix):
+            importlib.import_module(module)
 
 
 def check_model_name(model_name: str) -> str:
@@ -38,7 +47,7 @@ def check_model_name(model_name: str) -> str:
     through: timm resolves those itself."""
     if not isinstance(model_name, str) or not model_name:
         raise ValueError(f"model_name must be a timm model name (str), got {model_name!r}")
-    _register_diffvision_models()
+    _register_diffvision_models(model_name)
     if ":" in model_name:
         return model_name
     arch, _, tag = model_name.partition(".")
@@ -152,6 +161,8 @@ class ImageClassifier(WeightsOnlyLoading, pl.LightningModule):
             the model's ``no_weight_decay()`` names.
         lr_schedule: ``cosine`` (default), ``linear`` or ``constant`` after warmup, stepped per
             optimizer step down to ``min_lr_ratio`` × the base LR at the end of training.
+        lr_milestones, lr_gamma: the LR is multiplied by ``lr_gamma`` (default 0.1) from each epoch in
+            ``lr_milestones`` on, over ``lr_schedule`` (``constant`` + ``[250]``: ``MultiStepLR`` at epoch 250).
         warmup_epochs, warmup_steps: linear warmup length (they add up).
         compile: ``torch.compile`` the timm model in place (state-dict keys unchanged);
             ``compile_kwargs`` go to ``torch.compile``.
@@ -180,6 +191,8 @@ class ImageClassifier(WeightsOnlyLoading, pl.LightningModule):
         class_names: Optional[Sequence[str]] = None,
         mean: Optional[Sequence[float]] = None,
         std: Optional[Sequence[float]] = None,
+        lr_milestones: Optional[list[int]] = None,
+        lr_gamma: float = 0.1,
     ) -> None:
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
@@ -193,6 +206,7 @@ class ImageClassifier(WeightsOnlyLoading, pl.LightningModule):
         # older checkpoint's hparams still compare equal); every (re)build uses this one
         self._img_size = img_size if img_size is not None else self.model_kwargs.get("img_size")
         self._build_model(self.model_kwargs, pretrained)
+        check_lr_milestones(lr_milestones, lr_gamma)  # a bad milestone is an error before anything runs
         self.optimizer_factory = optimizer
         self.class_names = list(class_names) if class_names is not None else None
         self.mean = tuple(mean) if mean is not None else None
@@ -358,7 +372,7 @@ class ImageClassifier(WeightsOnlyLoading, pl.LightningModule):
         optimizer = self.optimizer_factory(param_groups(self.model, no_wd))
         hp = self.hparams
         scheduler = build_lr_scheduler(optimizer, self.trainer, hp.warmup_epochs, hp.warmup_steps,
-                                       hp.lr_schedule, hp.min_lr_ratio)
+                                       hp.lr_schedule, hp.min_lr_ratio, hp.lr_milestones, hp.lr_gamma)
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     # ---- export ------------------------------------------------------------------------------------------

@@ -9,8 +9,8 @@ from typing import Iterable, Iterator
 import torch
 import torch.nn as nn
 
-__all__ = ["LR_SCHEDULES", "param_groups", "lr_factor", "build_lr_scheduler", "step_seed", "step_rng",
-           "default_adamw", "run_seed", "shows_progress_bar"]
+__all__ = ["LR_SCHEDULES", "param_groups", "lr_factor", "build_lr_scheduler", "check_lr_milestones", "step_seed",
+           "step_rng", "default_adamw", "run_seed", "shows_progress_bar"]
 
 LR_SCHEDULES = ("cosine", "linear", "constant")
 
@@ -45,14 +45,20 @@ def param_groups(model: nn.Module, no_weight_decay: Iterable[str] = ()) -> list[
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str = "cosine",
-              min_lr_ratio: float = 0.0) -> float:
+              min_lr_ratio: float = 0.0, decay_steps: Iterable[int] = (), gamma: float = 0.1) -> float:
     """LR multiplier for optimizer step ``step`` (0-based).
 
     Linear warmup ``(step + 1) / warmup_steps`` for the first ``warmup_steps`` steps, then
     ``cosine``: ``r + (1 - r)·½(1 + cos(π·p))``, ``linear``: ``r + (1 - r)(1 - p)`` or ``constant``: 1,
     with ``p = (step - warmup_steps) / (total_steps - warmup_steps)`` clipped to [0, 1] and
-    ``r = min_lr_ratio``.
+    ``r = min_lr_ratio``; times ``gamma`` for each of ``decay_steps`` reached (``step >= s``), as torch's
+    ``MultiStepLR``.
     """
+    decay = gamma ** sum(step >= s for s in decay_steps)
+    return decay * _schedule_factor(step, warmup_steps, total_steps, schedule, min_lr_ratio)
+
+
+def _schedule_factor(step: int, warmup_steps: int, total_steps: int, schedule: str, min_lr_ratio: float) -> float:
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "constant":
@@ -65,10 +71,26 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str = "c
     raise ValueError(f"unknown lr_schedule {schedule!r}; accepted: {list(LR_SCHEDULES)}")
 
 
+def check_lr_milestones(milestones: Iterable[int] | None, gamma: float) -> tuple[int, ...]:
+    """``milestones`` (epochs) as a tuple of increasing positive ints; ``gamma`` must be in (0, 1]."""
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
+        raise ValueError(f"lr_gamma must be a number in (0, 1] (the LR is multiplied by it at each milestone), "
+                         f"got {gamma!r}")
+    milestones = tuple(milestones or ())
+    if any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in milestones) \
+            or list(milestones) != sorted(set(milestones)):
+        raise ValueError(f"lr_milestones must be increasing positive epoch numbers (e.g. [250]), got {list(milestones)}")
+    return milestones
+
+
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, trainer, warmup_epochs: float, warmup_steps: int,
-                       schedule: str, min_lr_ratio: float) -> dict:
+                       schedule: str, min_lr_ratio: float, milestones: Iterable[int] | None = None,
+                       gamma: float = 0.1) -> dict:
     """A per-step ``LambdaLR`` for Lightning: warmup from epochs (via the trainer's steps per epoch)
-    or steps, then ``schedule`` to the end of training (``trainer.estimated_stepping_batches``)."""
+    or steps, then ``schedule`` to the end of training (``trainer.estimated_stepping_batches``); the LR is
+    multiplied by ``gamma`` from the first step of each epoch in ``milestones`` on (as ``MultiStepLR`` stepped
+    per epoch)."""
+    milestones = check_lr_milestones(milestones, gamma)
     if schedule not in LR_SCHEDULES:
         raise ValueError(f"unknown lr_schedule {schedule!r}; accepted: {list(LR_SCHEDULES)}")
     total = trainer.estimated_stepping_batches
@@ -77,12 +99,15 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, trainer, warmup_epochs:
                          f"or trainer.max_steps (or use lr_schedule='constant')")
     total = int(total) if math.isfinite(total) else 0
     warmup = int(warmup_steps)
-    if warmup_epochs:
+    per_epoch = None
+    if warmup_epochs or milestones:
         per_epoch = max(1, math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches))
+    if warmup_epochs:
         warmup += int(round(warmup_epochs * per_epoch))
+    decay_steps = tuple(m * per_epoch for m in milestones)
     if total and warmup >= total:
         warmup = max(0, total - 1)  # short (e.g. fast_dev_run) runs: keep one post-warmup step
-    fn = lambda step: lr_factor(step, warmup, total, schedule, min_lr_ratio)  # noqa: E731
+    fn = lambda step: lr_factor(step, warmup, total, schedule, min_lr_ratio, decay_steps, gamma)  # noqa: E731
     return {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, fn), "interval": "step", "frequency": 1,
             "name": "lr"}
 
