@@ -206,7 +206,7 @@ def test_deit_overlay_sets_the_recipe_over_any_classification_config(config, tmp
             model["drop_path_rate"], model["lr_base"], model["lr_base_size"]) == (0.8, 1.0, 0.5, 0.1, 0.1, 5e-4, 512)
     assert model["optimizer"]["class_path"] == "torch.optim.AdamW"
     assert model["optimizer"]["init_args"]["weight_decay"] == 0.05
-    assert model["ema_decay"] is not None and model["warmup_epochs"] == 5 and model["lr_schedule"] == "cosine"
+    assert model["ema"] is True and model["warmup_epochs"] == 5 and model["lr_schedule"] == "cosine"
     assert (data["augment"], data["auto_augment"], data["reprob"], data["augment_on_device"]) == \
         ("timm", "rand-m9-mstd0.5-inc1", 0.25, False)
     assert data["batch_size"] == base["data"]["batch_size"]
@@ -270,7 +270,8 @@ def test_ema_follows_the_closed_form_and_is_what_evaluation_and_export_use(cifar
 
     cli = DiffvisionCLI(args=["--config", str(CONFIGS / "cifar10_vit_fractions.yaml"),
                               "--model.init_args.model_kwargs", "{depth: 1, embed_dim: 48}",
-                              "--model.init_args.ema_decay", "0.5", "--model.init_args.ema_warmup", "false",
+                              "--model.init_args.ema", "true", "--model.init_args.ema_decay", "0.5",
+                              "--model.init_args.ema_warmup", "false",
                               "--data.augment_on_device", "false",
                               "--data.root", str(cifar), "--data.cache_dir", str(tmp_path / "cache"),
                               "--data.num_workers", "0", "--data.batch_size", "6", "--trainer.default_root_dir",
@@ -331,3 +332,14 @@ def test_old_config_means_the_same_lr_per_step(tmp_path):
         assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3 * factor] * 2, rel=1e-9)
         opt.step()
         sched.step()
+
+
+def test_an_ema_checkpoint_into_a_config_without_ema_says_so(cifar, tmp_path):
+    cli = fit(cifar, tmp_path, "--config", str(CONFIGS / "cifar10_vit_fractions.yaml"), "--config",
+              str(RECIPES / "deit.yaml"), "--model.init_args.model_kwargs", "{depth: 1, embed_dim: 48}")
+    checkpoint = torch.load(next(tmp_path.rglob("last.ckpt")), weights_only=False)
+    plain = ImageClassifier("diff_vit_tiny_patch4_32", {"depth": 1, "embed_dim": 48}, num_classes=10, img_size=32)
+    problems = plain.checkpoint_mismatch(checkpoint)
+    assert problems[0].startswith("the checkpoint keeps an EMA of its weights, this config does not: set "
+                                  "model.init_args.ema true")
+    assert cli.model.checkpoint_mismatch(checkpoint) == []

@@ -174,8 +174,12 @@ class ImageClassifier(WeightsOnlyLoading, pl.LightningModule):
         lr_schedule: ``cosine`` (default), ``linear`` or ``constant`` after warmup, stepped per
             optimizer step down to ``min_lr_ratio`` × the base LR at the end of training.
         warmup_epochs, warmup_steps: linear warmup length (they add up).
-        ema_decay: keep an EMA of the weights with this decay per optimizer step (the project's
-            :class:`~diffvision.diffusion.ema.ModelEMA`, as ``DiffusionModule``'s); None: no EMA.
+        ema, ema_decay: keep an EMA of the weights, with this decay per optimizer step (timm ``train.py``'s
+            ``--model-ema`` / ``--model-ema-decay``). It is the project's
+            :class:`~diffvision.diffusion.ema.ModelEMA` (torch's ``AveragedModel``), ``DiffusionModule``'s
+            too, rather than timm's ``ModelEmaV3`` or Lightning's ``EMAWeightAveraging`` callback: one EMA
+            class and one set of names in the project, and a callback could not come from a recipe overlay
+            (its ``trainer.callbacks`` list would replace the config's, not add to it).
         ema_warmup: the EMA's decay warm-up ``min(ema_decay, (1 + n) / (10 + n))`` (so a short run's EMA is
             not its initialisation).
         ema_eval: with an EMA, validation, test, prediction, export (and ``LambdaMonitor``) use the EMA
@@ -213,7 +217,8 @@ class ImageClassifier(WeightsOnlyLoading, pl.LightningModule):
         warmup_epochs: float = 0.0,
         warmup_steps: int = 0,
         min_lr_ratio: float = 0.0,
-        ema_decay: Optional[float] = None,
+        ema: bool = False,
+        ema_decay: float = 0.9998,
         ema_warmup: bool = True,
         ema_eval: bool = True,
         compile: bool = False,
@@ -227,8 +232,8 @@ class ImageClassifier(WeightsOnlyLoading, pl.LightningModule):
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
-        if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1) (or None: no EMA), got {ema_decay}")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         if lr_base_scale not in LR_BASE_SCALES:
             raise ValueError(f"unknown lr_base_scale {lr_base_scale!r}; accepted: {list(LR_BASE_SCALES)}")
         if lr_base is not None and (lr_base <= 0 or lr_base_size < 1):
@@ -279,7 +284,7 @@ class ImageClassifier(WeightsOnlyLoading, pl.LightningModule):
         self.model_kwargs = {**model_kwargs, **options}
         self.hparams["model_kwargs"] = dict(self.model_kwargs)
         # the EMA copies the model before it is compiled (the copy is evaluated, never trained)
-        self.ema = self._build_ema() if hp.get("ema_decay") is not None else None
+        self.ema = self._build_ema() if hp.get("ema") else None
         if hp.compile:
             self.model.compile(**(hp.compile_kwargs or {}))
 
@@ -343,6 +348,13 @@ class ImageClassifier(WeightsOnlyLoading, pl.LightningModule):
             hparams = dict(checkpoint["hyper_parameters"])
             hparams["model_kwargs"] = {**hparams["model_kwargs"], **trained}
             checkpoint = {**checkpoint, "hyper_parameters": hparams}
+        state = checkpoint.get("state_dict") or {}
+        if self.ema is None and any(k.startswith("ema.") for k in state):
+            # trained with an EMA (e.g. the deit recipe): say so, not "N weights not in the model"
+            others = {k: v for k, v in state.items() if not k.startswith("ema.")}
+            return ["the checkpoint keeps an EMA of its weights, this config does not: set model.init_args.ema "
+                    "true (or stack the recipe it was trained with, e.g. configs/recipes/deit.yaml)",
+                    *super().checkpoint_mismatch({**checkpoint, "state_dict": others})]
         return super().checkpoint_mismatch(self._with_ema_weights(checkpoint))
 
     def setup(self, stage: str) -> None:
@@ -503,7 +515,7 @@ class ImageClassifier(WeightsOnlyLoading, pl.LightningModule):
             data_config["std"] = tuple(float(s) for s in std)
         # model_args: the λ / head-norm choices, so a ``local-dir:`` reload builds what was trained
         if use_ema and self.ema is None:
-            raise ValueError("use_ema=True, but this classifier keeps no EMA of its weights (ema_decay is None)")
+            raise ValueError("use_ema=True, but this classifier keeps no EMA of its weights (ema is off)")
         model = self.evaluated_model if use_ema is None else (self.ema.module if use_ema else self.model)
         save_for_hf(model, save_directory, model_config=model_config, data_config=data_config,
                     model_args=getattr(self.model, "attn_options", None) or None,
