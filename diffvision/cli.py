@@ -269,6 +269,12 @@ def _is_kind_overlay(path) -> bool:
     return isinstance(content, dict) and set(content) == {"attn_kind"}
 
 
+def is_recipe_overlay(path) -> bool:
+    """A training-recipe overlay (configs/recipes/<recipe>.yaml): it adds ``_<recipe>`` to the run's name
+    (and a sweep records ``<recipe>`` as its runs' recipe)."""
+    return Path(str(path)).parent.name == "recipes"
+
+
 class DiffvisionCLI(LightningCLI):
     """LightningCLI with diffvision's data module, links, run layout and resume."""
 
@@ -378,8 +384,10 @@ class DiffvisionCLI(LightningCLI):
         if cfg.get("experiment"):
             return str(cfg["experiment"])
         configs = [c for c in cfg.get("config") or [] if not _is_kind_overlay(c)]
+        recipes = "".join(f"_{Path(str(c)).stem}" for c in configs if is_recipe_overlay(c))
+        configs = [c for c in configs if not is_recipe_overlay(c)]
         if configs:
-            name = Path(str(configs[-1])).stem
+            name = Path(str(configs[-1])).stem + recipes
             return f"{name}_{cfg['attn_kind']}" if cfg.get("attn_kind") else name
         class_path = (cfg.get("model") or {}).get("class_path") or "model"
         return class_path.rsplit(".", 1)[-1].lower()

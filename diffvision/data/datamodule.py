@@ -7,25 +7,30 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .datasets import DATASETS, ImageArrays, dataset_info, default_root, load_split, resolve_classes, select_classes
+from .datasets import (DATASETS, ImageArrays, dataset_info, default_root, imagefolder_files, load_split,
+                       resolve_classes, select_classes)
 from .fractions import FRACTION_MODES, check_fraction, check_seed, training_subset
+from .timm_augment import TimmTransform, check_timm_options
 from .transforms import CPU_ONLY_PRESETS, PRESETS, BatchImageTransform, ImageTransform, build_transforms
 
 __all__ = ["ImageDataModule", "ArrayImageDataset", "UInt8ImageDataset", "EpochSampler", "SUBSET_FILENAME",
-           "class_interleaved_order"]
+           "AUGMENTATIONS", "class_interleaved_order"]
 
 SUBSET_FILENAME = "subset_indices.json"
+# the array presets (CPU workers, or the device with augment_on_device) and timm's pipeline (CPU workers)
+AUGMENTATIONS = (*PRESETS, "timm")
 
 
 class ArrayImageDataset(Dataset):
-    """Samples ``(image tensor, label)`` from uint8 arrays, optionally restricted to ``indices``.
+    """Samples ``(image tensor, label)`` from uint8 arrays (or, for the ``timm`` preset on an imagefolder,
+    image file paths, decoded per sample), optionally restricted to ``indices``.
 
     A key is an index or an ``(epoch, index)`` pair (from :class:`EpochSampler`); random
     augmentations draw from ``default_rng([seed, epoch, dataset_index])``, so they depend on
@@ -122,7 +127,15 @@ class ImageDataModule(pl.LightningDataModule):
             always use the full held-out split.
         fraction_seed: non-negative int choosing the subset.
         augment: training augmentation preset: ``none``, ``flip``, ``basic`` or ``diffusion``
-            (``diffusion`` also scales to [-1, 1] instead of normalising by mean / std).
+            (``diffusion`` also scales to [-1, 1] instead of normalising by mean / std), on decoded
+            arrays, in the CPU workers or (``augment_on_device``) on the device; or ``timm``:
+            ``timm.data.create_transform``'s training pipeline on PIL images in the CPU workers, set
+            by the timm options below (:mod:`diffvision.data.timm_augment`). An imagefolder then
+            trains from its image files (random resized crops of the originals, as timm does);
+            evaluation always sees the decoded, normalised images.
+        auto_augment, color_jitter, scale, ratio, hflip, interpolation, reprob, remode, recount:
+            timm's training-transform options (``train.py``'s names; ``reprob`` / ``remode`` /
+            ``recount`` are random erasing's), for ``augment='timm'`` only; None keeps timm's default.
         img_size: side of the images the model sees; None keeps the native size (32 for CIFAR,
             28 for (Fashion-)MNIST). Required for ``imagefolder``.
         batch_size: training batch size per process.
@@ -165,12 +178,24 @@ class ImageDataModule(pl.LightningDataModule):
         download: bool = True,
         shuffle_seed: Optional[int] = None,
         augment_on_device: bool = False,
+        auto_augment: Optional[str] = None,
+        color_jitter: Optional[float] = None,
+        scale: Optional[Sequence[float]] = None,
+        ratio: Optional[Sequence[float]] = None,
+        hflip: Optional[float] = None,
+        interpolation: Optional[str] = None,
+        reprob: Optional[float] = None,
+        remode: Optional[str] = None,
+        recount: Optional[int] = None,
     ) -> None:
         super().__init__()
         if dataset not in DATASETS:
             raise ValueError(f"unknown dataset {dataset!r}; accepted: {list(DATASETS)}")
-        if augment not in PRESETS:
-            raise ValueError(f"unknown augment preset {augment!r}; accepted: {list(PRESETS)}")
+        if augment not in AUGMENTATIONS:
+            raise ValueError(f"unknown augment preset {augment!r}; accepted: {list(AUGMENTATIONS)}")
+        timm_options = dict(auto_augment=auto_augment, color_jitter=color_jitter, scale=scale, ratio=ratio,
+                            hflip=hflip, interpolation=interpolation, reprob=reprob, remode=remode, recount=recount)
+        check_timm_options(augment, augment_on_device, **timm_options)
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size or 1),
                             ("num_workers", num_workers + 1), ("img_size", img_size or 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -209,7 +234,11 @@ class ImageDataModule(pl.LightningDataModule):
         # log the resolved size: Lightning merges these hparams with the model's, which has it linked
         self.hparams["img_size"] = self._img_size
         self._hparams_initial = copy.deepcopy(self._hparams)
-        self.train_transform, self.eval_transform = build_transforms(augment, self.info.mean, self.info.std)
+        if augment == "timm":
+            self.train_transform = TimmTransform(self._img_size, self.info.mean, self.info.std, **timm_options)
+            self.eval_transform = ImageTransform("none", False, self.info.mean, self.info.std)
+        else:
+            self.train_transform, self.eval_transform = build_transforms(augment, self.info.mean, self.info.std)
         self.subset_indices: Optional[np.ndarray] = None
         self.train_dataset: Optional[ArrayImageDataset] = None
         self.val_dataset: Optional[ArrayImageDataset] = None
@@ -265,9 +294,26 @@ class ImageDataModule(pl.LightningDataModule):
                              f"expected {self.in_chans}")
         return arrays
 
+    @property
+    def trains_from_files(self) -> bool:
+        """An imagefolder under timm's pipeline trains on its files (crops of the originals), not on a
+        decoded copy at ``img_size``."""
+        return self.dataset == "imagefolder" and self.augment == "timm"
+
+    def _load_train(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """The training split: ``(images, labels, classes)``, images an array or, from files, their paths."""
+        if self.trains_from_files:
+            if self.classes is not None:  # the class filter works on decoded arrays (select_classes)
+                raise ValueError(f"data.classes={self.classes!r} is not supported for an imagefolder trained from "
+                                 f"its files (augment='timm'); keep only those class folders under {self.root}")
+            paths, labels, classes = imagefolder_files(self.root, "train")
+            return np.array([str(p) for p in paths], dtype=object), labels, classes
+        train = self._load("train")
+        return train.images, train.labels, train.classes
+
     def prepare_data(self) -> None:
         """Decode (and for torchvision sources download) every split once, into the cache."""
-        for split in {"train", *self.held_out_splits}:
+        for split in {"train", *self.held_out_splits} - ({"train"} if self.trains_from_files else set()):
             load_split(self.dataset, split, self.root, img_size=self._img_size, cache_dir=self.cache_dir,
                        download=self.download)
 
@@ -280,26 +326,28 @@ class ImageDataModule(pl.LightningDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         val_split, test_split = self.held_out_splits
         if stage in (None, "fit") and self.train_dataset is None:
-            train = self._load("train")
-            self._train_size = len(train.labels)
-            self.subset_indices = training_subset(train.labels, self.data_fraction, self.fraction_seed,
-                                                  self.fraction_mode, train.classes)
-            indices = None if len(self.subset_indices) == len(train.labels) else self.subset_indices
-            self.train_dataset = self._dataset(train, self.train_transform, indices, seed=self._shuffle_seed)
+            images, labels, classes = self._load_train()
+            self._train_size = len(labels)
+            self.subset_indices = training_subset(labels, self.data_fraction, self.fraction_seed,
+                                                  self.fraction_mode, classes)
+            indices = None if len(self.subset_indices) == len(labels) else self.subset_indices
+            self.train_dataset = self._dataset(images, labels, self.train_transform, indices, seed=self._shuffle_seed)
         if stage in (None, "fit"):
             self._save_subset_to_log_dir(self.train_dataset.labels)  # every fit: each run keeps its copy
         if stage in (None, "fit", "validate") and self.val_dataset is None:
             held = self._load(val_split)
-            self.val_dataset = self._dataset(held, self.eval_transform, class_interleaved_order(held.labels))
+            self.val_dataset = self._dataset(held.images, held.labels, self.eval_transform,
+                                             class_interleaved_order(held.labels))
         if stage in (None, "test", "predict") and self.test_dataset is None:
             held = self._load(test_split)
-            self.test_dataset = self._dataset(held, self.eval_transform, class_interleaved_order(held.labels))
+            self.test_dataset = self._dataset(held.images, held.labels, self.eval_transform,
+                                              class_interleaved_order(held.labels))
 
-    def _dataset(self, arrays: ImageArrays, transform: ImageTransform, indices: Optional[np.ndarray] = None,
+    def _dataset(self, images: np.ndarray, labels: np.ndarray, transform, indices: Optional[np.ndarray] = None,
                  seed: int = 0) -> ArrayImageDataset:
         if self.augment_on_device:
-            return UInt8ImageDataset(arrays.images, arrays.labels, indices)
-        return ArrayImageDataset(arrays.images, arrays.labels, transform, indices, seed=seed)
+            return UInt8ImageDataset(images, labels, indices)
+        return ArrayImageDataset(images, labels, transform, indices, seed=seed)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """With ``augment_on_device``: augment / normalise the uint8 batch where it now lives."""

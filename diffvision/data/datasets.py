@@ -50,6 +50,7 @@ __all__ = [
     "read_cifar10_npz",
     "read_idx",
     "read_imagefolder",
+    "imagefolder_files",
     "decode_cache_key",
     "resolve_classes",
     "select_classes",
@@ -300,6 +301,14 @@ def _imagefolder_files(split_dir: Path, classes: list[str]) -> list[tuple[Path, 
         raise ValueError(f"{split_dir}: class folder(s) {empty} hold no image files "
                          f"({', '.join(_IMAGE_EXTENSIONS)}); every class needs training images")
     return files
+
+
+def imagefolder_files(root: Path, split: str) -> tuple[list[Path], np.ndarray, list[str]]:
+    """``(image files, int64 labels, classes)`` of ``root/<split>/<class>/*``, not decoded (the ``timm``
+    preset reads the training files per sample); the same checks as decoding them."""
+    classes = _imagefolder_classes(Path(root) / "train")
+    files = _imagefolder_files(Path(root) / split, classes)
+    return [p for p, _ in files], np.array([label for _, label in files], dtype=np.int64), classes
 
 
 def _resize_center_crop(img, size: int):

@@ -1,5 +1,9 @@
 """Augmentation presets on uint8 ``(H, W, C)`` arrays, with randomness from an explicit generator.
 
+These presets run in the loader's CPU workers or, with ``augment_on_device``, batch-wise on the device
+(:class:`BatchImageTransform`); timm's pipeline is the ``timm`` preset of :mod:`.timm_augment`, CPU
+workers only.
+
 Each training sample's randomness comes from ``numpy.random.default_rng([seed, epoch, index])``
 (see :class:`~diffvision.data.datamodule.ArrayImageDataset`), not from a global RNG: the same
 epoch gives the same augmented images in any process, with any number of workers, and after a

@@ -7,6 +7,10 @@ A spec names a ``diffvision fit`` config and what to vary; see ``configs/sweeps/
 named models compared: a timm model name (classification) or an ``attn_kind`` (generation), each with
 optional per-arm keywords (an arm is an attention kind plus settings, e.g. DIFF with λinit 0.8). Every
 job goes through the same CLI and configs users have, into ``<root>/<arm>_f<fraction>_s<seed>/``.
+
+A spec's optional ``recipe`` names a training-recipe overlay (``configs/recipes/deit.yaml``) stacked over its
+config in every job; overlays after ``--`` (``-- --config configs/recipes/deit.yaml``) stack the same way.
+A sweep runs one recipe: compare recipes with one spec (or root) per recipe.
 """
 from __future__ import annotations
 
@@ -20,13 +24,13 @@ import yaml
 
 from .results import RESULT_FILE, TASKS
 
-__all__ = ["REPO", "Job", "arm_entry", "build_jobs", "extra_value", "fid_command", "fit_command", "fraction_tag",
+__all__ = ["REPO", "Job", "arm_entry", "recipe_name", "build_jobs", "extra_value", "fid_command", "fit_command", "fraction_tag",
            "load_spec", "merged_model_kwargs", "model_kwargs_key", "read_config", "validation_interval"]
 
 # The checkout: specs name their configs relative to it, runs start in it, and train/ holds the scripts.
 REPO = Path(__file__).resolve().parents[2]
 REQUIRED_KEYS = {"task", "config", "arms", "epochs", "seeds"}
-OPTIONAL_KEYS = {"validations", "fid", "fraction_seed"}
+OPTIONAL_KEYS = {"validations", "fid", "fraction_seed", "recipe"}
 
 
 @dataclass
@@ -75,6 +79,8 @@ def load_spec(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}; accepted: {sorted(REQUIRED_KEYS | OPTIONAL_KEYS)}")
     if spec["task"] not in TASKS:
         raise ValueError(f"{path}: task must be one of {TASKS}, got {spec['task']!r}")
+    if "recipe" in spec and not (REPO / spec["recipe"]).is_file() and not Path(spec["recipe"]).is_file():
+        raise ValueError(f"{path}: recipe {spec['recipe']!r} is not a file; the recipes are configs/recipes/*.yaml")
     spec["epochs"] = {float(f): int(e) for f, e in spec["epochs"].items()}
     for fraction, epochs in spec["epochs"].items():
         if not 0 < fraction <= 1 or epochs < 1:
@@ -150,7 +156,8 @@ def merged_model_kwargs(spec: dict, job: Job) -> dict:
 
 
 def fit_command(spec: dict, job: Job) -> list[str]:
-    cmd = [sys.executable, "-m", "diffvision.cli", "fit", "--config", str(spec["config"]),
+    recipe = ["--config", str(spec["recipe"])] if spec.get("recipe") else []
+    cmd = [sys.executable, "-m", "diffvision.cli", "fit", "--config", str(spec["config"]), *recipe,
            "--experiment", job.name, "--trainer.default_root_dir", str(job.root),
            "--seed_everything", str(job.seed), "--data.data_fraction", str(job.fraction),
            "--data.fraction_seed", str(spec.get("fraction_seed", job.seed)), "--trainer.max_epochs", str(job.epochs),
@@ -162,6 +169,19 @@ def fit_command(spec: dict, job: Job) -> list[str]:
     if job.model_kwargs:
         cmd += [f"--model.init_args.{model_kwargs_key(spec['task'])}", json.dumps(merged_model_kwargs(spec, job))]
     return cmd + job.extra + ["--ckpt_path", "last"]
+
+
+def recipe_name(spec: dict, job: Job) -> str:
+    """The training recipe of a job: the recipe overlays (``configs/recipes/<name>.yaml``) of the spec's
+    ``recipe`` and of the ``--config`` arguments after ``--``, joined by ``+``; ``light`` (the configs'
+    own recipe) when there is none."""
+    from diffvision.cli import is_recipe_overlay  # where the CLI names runs by the same rule
+
+    configs = ([spec["recipe"]] if spec.get("recipe") else []) + \
+        [value for key, value in zip(job.extra, job.extra[1:]) if key == "--config"] + \
+        [arg.split("=", 1)[1] for arg in job.extra if arg.startswith("--config=")]
+    names = [Path(str(c)).stem for c in configs if is_recipe_overlay(c)]
+    return "+".join(names) or "light"
 
 
 def fid_command(spec: dict, job: Job, log_dir: Path) -> list[str]:

@@ -39,7 +39,7 @@ from diffvision.run_lock import lock_holder
 from .results import (classification_result, generation_result, headline_text, latest_version, run_record,
                       save_result)
 from .specs import (REPO, Job, build_jobs, extra_value, fid_command, fit_command, load_spec, merged_model_kwargs,
-                    read_config)
+                    read_config, recipe_name)
 
 __all__ = ["HEARTBEAT_S", "attempts_wall_s", "count_parameters", "main", "record_attempt", "run_sweep",
            "write_run_result"]
@@ -104,6 +104,7 @@ def write_run_result(spec: dict, job: Job, command: list[str], attempts: list[di
     else:
         result = generation_result(record, metrics, read_config(spec)["model"]["init_args"]["preset"], job.model,
                                    json.loads((job.dir / "fid.json").read_text()))
+    result["recipe"] = recipe_name(spec, job)
     save_result(job.dir, result)
     return result
 

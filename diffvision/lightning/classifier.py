@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import math
 import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -17,10 +18,14 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ..attention import LAMBDA_OPTIONS, PAPER_OPTIONS
 from .loading import WeightsOnlyLoading
+from .mixup import build_mixup, mix_batch, soft_target_cross_entropy
 from .optim import build_lr_scheduler, default_adamw, param_groups, run_seed, shows_progress_bar, step_rng, step_seed
 from .optim import check_lr_milestones
 
-__all__ = ["ImageClassifier", "check_labels", "check_model_name", "check_patch_grid", "create_classifier"]
+__all__ = ["ImageClassifier", "LR_BASE_SCALES", "check_labels", "check_model_name", "check_patch_grid",
+           "create_classifier"]
+
+LR_BASE_SCALES = ("linear", "sqrt")
 
 # ImageClassifier.on_before_batch_transfer (the label check) is meant to run beside any data module
 warnings.filterwarnings("ignore", message="You have overridden `on_before_batch_transfer` in `LightningModule` "
@@ -147,7 +152,8 @@ def _schedule_spelled_out(model_kwargs: dict) -> dict:
 
 
 class ImageClassifier(WeightsOnlyLoading, pl.LightningModule):
-    """Image classifier around a timm model, with label-smoothed cross-entropy and top-1/top-5 accuracy.
+    """Image classifier around a timm model, with label-smoothed cross-entropy (or timm's Mixup / CutMix
+    with soft-target cross-entropy) and top-1/top-5 accuracy.
 
     Args:
         model_name: any ``timm.create_model`` name: ``diff_vit_tiny_patch4_32``,
@@ -155,15 +161,40 @@ class ImageClassifier(WeightsOnlyLoading, pl.LightningModule):
         model_kwargs: more ``create_model`` keywords (``depth``, ``drop_path_rate``, ``patch_size``, ...).
         num_classes, img_size, in_chans: linked from the data module by the CLI.
         pretrained: load timm's pretrained weights (needs them cached or online).
-        label_smoothing: cross-entropy label smoothing of the training loss.
+        drop_path_rate: stochastic depth rate (timm ``train.py``'s ``--drop-path``); replaces
+            ``model_kwargs``' ``drop_path_rate``, so an overlay or a flag sets it without restating
+            ``model_kwargs`` (a config's dict is replaced whole, not merged); None: ``model_kwargs``'.
+        label_smoothing: label smoothing of the training targets (with Mixup / CutMix, timm's ``Mixup``
+            applies it to the mixed targets).
+        mixup_alpha, cutmix_alpha, cutmix_minmax, mixup_prob, mixup_switch_prob, mixup_mode: timm's
+            ``Mixup`` (``train.py``'s ``--mixup``, ``--cutmix``, ``--cutmix-minmax``, ``--mixup-prob``,
+            ``--mixup-switch-prob``, ``--mixup-mode``); on when ``mixup_alpha`` or ``cutmix_alpha`` > 0 (or
+            ``cutmix_minmax`` is set), the loss then timm's ``SoftTargetCrossEntropy``.
         optimizer: optimizer factory, ``class_path: torch.optim.AdamW`` + ``init_args`` in YAML;
-            default AdamW(lr=1e-3, weight_decay=0.05). Weight decay skips biases, norms, λ vectors and
-            the model's ``no_weight_decay()`` names.
+            default AdamW(lr=1e-3, weight_decay=0.05). Parameter groups are timm's
+            (:func:`~diffvision.lightning.optim.param_groups`): weight decay skips biases, norms, λ vectors
+            and the model's ``no_weight_decay()`` names.
+        layer_decay: timm's layer-wise LR decay for fine-tuning (each block's LR ``layer_decay`` times the
+            next one's, the head's the optimizer's LR); None: one LR.
+        lr_base, lr_base_size, lr_base_scale: timm's LR rule: when ``lr_base`` is set the LR is ``lr_base ×
+            global batch / lr_base_size`` (``linear``) or its square root (``sqrt``), replacing the
+            optimizer's ``lr``; the global batch is the data's ``batch_size`` × processes × gradient
+            accumulation (DeiT: 5e-4 per 512 images).
         lr_schedule: ``cosine`` (default), ``linear`` or ``constant`` after warmup, stepped per
             optimizer step down to ``min_lr_ratio`` × the base LR at the end of training.
         lr_milestones, lr_gamma: the LR is multiplied by ``lr_gamma`` (default 0.1) from each epoch in
             ``lr_milestones`` on, over ``lr_schedule`` (``constant`` + ``[250]``: ``MultiStepLR`` at epoch 250).
         warmup_epochs, warmup_steps: linear warmup length (they add up).
+        ema, ema_decay: keep an EMA of the weights, with this decay per optimizer step (timm ``train.py``'s
+            ``--model-ema`` / ``--model-ema-decay``). It is the project's
+            :class:`~diffvision.diffusion.ema.ModelEMA` (torch's ``AveragedModel``), ``DiffusionModule``'s
+            too, rather than timm's ``ModelEmaV3`` or Lightning's ``EMAWeightAveraging`` callback: one EMA
+            class and one set of names in the project, and a callback could not come from a recipe overlay
+            (its ``trainer.callbacks`` list would replace the config's, not add to it).
+        ema_warmup: the EMA's decay warm-up ``min(ema_decay, (1 + n) / (10 + n))`` (so a short run's EMA is
+            not its initialisation).
+        ema_eval: with an EMA, validation, test, prediction, export (and ``LambdaMonitor``) use the EMA
+            weights; False: the trained weights (the EMA is still kept in checkpoints).
         compile: ``torch.compile`` the timm model in place (state-dict keys unchanged);
             ``compile_kwargs`` go to ``torch.compile``.
         class_names, mean, std: the data's class names and normalisation (linked from the data module
@@ -180,12 +211,27 @@ class ImageClassifier(WeightsOnlyLoading, pl.LightningModule):
         img_size: Optional[int] = None,
         in_chans: int = 3,
         pretrained: bool = False,
+        drop_path_rate: Optional[float] = None,
         label_smoothing: float = 0.1,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        cutmix_minmax: Optional[tuple[float, float]] = None,
+        mixup_prob: float = 1.0,
+        mixup_switch_prob: float = 0.5,
+        mixup_mode: str = "batch",
         optimizer: OptimizerCallable = default_adamw,
+        layer_decay: Optional[float] = None,
+        lr_base: Optional[float] = None,
+        lr_base_size: int = 256,
+        lr_base_scale: str = "linear",
         lr_schedule: str = "cosine",
         warmup_epochs: float = 0.0,
         warmup_steps: int = 0,
         min_lr_ratio: float = 0.0,
+        ema: bool = False,
+        ema_decay: float = 0.9998,
+        ema_warmup: bool = True,
+        ema_eval: bool = True,
         compile: bool = False,
         compile_kwargs: Optional[dict[str, Any]] = None,
         class_names: Optional[Sequence[str]] = None,
@@ -199,8 +245,25 @@ class ImageClassifier(WeightsOnlyLoading, pl.LightningModule):
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        if lr_base_scale not in LR_BASE_SCALES:
+            raise ValueError(f"unknown lr_base_scale {lr_base_scale!r}; accepted: {list(LR_BASE_SCALES)}")
+        if lr_base is not None and (lr_base <= 0 or lr_base_size < 1):
+            raise ValueError(f"lr_base must be > 0 and lr_base_size >= 1, got {lr_base} and {lr_base_size}")
+        # checked here, not at the first training step: a bad value is an error before anything runs
+        self.mixup = build_mixup(num_classes, label_smoothing, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
+                                 cutmix_minmax=cutmix_minmax, prob=mixup_prob, switch_prob=mixup_switch_prob,
+                                 mode=mixup_mode)
         self.save_hyperparameters()
         self.model_kwargs = dict(model_kwargs or {})
+        if drop_path_rate is not None:
+            if not 0.0 <= drop_path_rate < 1.0:
+                raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+            if self.model_kwargs.get("drop_path_rate", drop_path_rate) != drop_path_rate:
+                rank_zero_info(f"drop_path_rate={drop_path_rate} replaces model_kwargs' "
+                               f"{self.model_kwargs['drop_path_rate']}")
+            self.model_kwargs["drop_path_rate"] = drop_path_rate
         self._given_model_kwargs = dict(self.model_kwargs)  # before the model's own choices are filled in
         # a size given only in model_kwargs is the model's size (the hparams keep img_size as given, so an
         # older checkpoint's hparams still compare equal); every (re)build uses this one
@@ -234,8 +297,33 @@ class ImageClassifier(WeightsOnlyLoading, pl.LightningModule):
         options = getattr(self.model, "attn_options", None) or {}
         self.model_kwargs = {**model_kwargs, **options}
         self.hparams["model_kwargs"] = dict(self.model_kwargs)
+        # the EMA copies the model before it is compiled (the copy is evaluated, never trained)
+        self.ema = self._build_ema() if hp.get("ema") else None
         if hp.compile:
             self.model.compile(**(hp.compile_kwargs or {}))
+
+    def _build_ema(self) -> torch.nn.Module:
+        from ..diffusion.ema import ModelEMA  # imported when used: diffvision.diffusion loads diffusers
+
+        self._ema_step = -1
+        return ModelEMA(self.model, self.hparams.ema_decay, self.hparams.ema_warmup)
+
+    @property
+    def evaluated_model(self) -> torch.nn.Module:
+        """The weights validation, test, prediction and export use: the EMA's with ``ema_eval``, else the
+        trained ones."""
+        return self.ema.module if self.ema is not None and self.hparams.ema_eval else self.model
+
+    def _with_ema_weights(self, checkpoint: dict) -> dict:
+        """``checkpoint`` with EMA weights when this module keeps an EMA and the checkpoint has none (it was
+        trained without one, or before classifiers had one): the EMA starts from its trained weights."""
+        state = checkpoint.get("state_dict")
+        if self.ema is None or not isinstance(state, dict) or any(k.startswith("ema.") for k in state):
+            return checkpoint
+        rank_zero_info("the checkpoint has no EMA of its weights: the EMA starts from its weights")
+        ema = {f"ema.module.{k[len('model.'):]}": v for k, v in state.items() if k.startswith("model.")}
+        ema["ema.n_averaged"] = self.ema.n_averaged.new_tensor(1)  # as after a first update (a copy)
+        return {**checkpoint, "state_dict": {**state, **ema}}
 
     def trained_options(self, checkpoint: dict) -> Optional[dict]:
         """The λ / head-norm choices this DIFF / GDA classifier's ``checkpoint`` was trained with, when its hparams
@@ -274,7 +362,14 @@ class ImageClassifier(WeightsOnlyLoading, pl.LightningModule):
             hparams = dict(checkpoint["hyper_parameters"])
             hparams["model_kwargs"] = {**hparams["model_kwargs"], **trained}
             checkpoint = {**checkpoint, "hyper_parameters": hparams}
-        return super().checkpoint_mismatch(checkpoint)
+        state = checkpoint.get("state_dict") or {}
+        if self.ema is None and any(k.startswith("ema.") for k in state):
+            # trained with an EMA (e.g. the deit recipe): say so, not "N weights not in the model"
+            others = {k: v for k, v in state.items() if not k.startswith("ema.")}
+            return ["the checkpoint keeps an EMA of its weights, this config does not: set model.init_args.ema "
+                    "true (or stack the recipe it was trained with, e.g. configs/recipes/deit.yaml)",
+                    *super().checkpoint_mismatch({**checkpoint, "state_dict": others})]
+        return super().checkpoint_mismatch(self._with_ema_weights(checkpoint))
 
     def setup(self, stage: str) -> None:
         # the training normalisation travels with the model (hparams -> checkpoint -> export)
@@ -286,10 +381,13 @@ class ImageClassifier(WeightsOnlyLoading, pl.LightningModule):
                 self.hparams[name] = list(getattr(self, name))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+        """Logits of the evaluated weights (``evaluated_model``); training steps call the trained model."""
+        return self.evaluated_model(x)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.adopt_trained_options(checkpoint)  # an older checkpoint's λ / head-norm choices, before its weights load
+        if self.ema is not None and "state_dict" in checkpoint:
+            checkpoint["state_dict"] = self._with_ema_weights(checkpoint)["state_dict"]  # loaded after this hook
         self._checkpoint_steps = int(checkpoint.get("global_step") or 0)
 
     @property
@@ -323,15 +421,29 @@ class ImageClassifier(WeightsOnlyLoading, pl.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
         y = self._labels(y)
-        # dropout / drop-path draw from (seed, epoch, batch, rank) only: a resumed run repeats them
+        # Mixup / CutMix, dropout and drop-path draw from (seed, epoch, batch, rank) only: a resumed run repeats them
         with step_rng(step_seed(run_seed(), self.current_epoch, batch_idx, self.global_rank), self.device):
-            logits = self(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+            if self.mixup is None:
+                logits = self.model(x)
+                loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+            else:
+                x, y, soft = mix_batch(self.mixup, x, y)
+                logits = self.model(x)
+                loss = soft_target_cross_entropy(logits, soft)
         # update, not forward: only the epoch value is logged (on_train_epoch_end), so no per-batch value
+        # (under Mixup / CutMix: agreement with each mixed image's first label)
         self.train_acc1.update(logits.detach(), y)
         self.log("train/loss", loss, prog_bar=shows_progress_bar(self._trainer), on_step=True, on_epoch=True,
                  batch_size=len(y))
         return loss
+
+    def on_train_start(self) -> None:
+        self._ema_step = self.global_step
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.ema is not None and self.global_step > self._ema_step:  # once per optimizer step
+            self.ema.update_parameters(self.model)
+            self._ema_step = self.global_step
 
     def on_train_epoch_end(self) -> None:
         # logged once per epoch, not from every training_step: each self.log of a Metric costs host time
@@ -368,19 +480,36 @@ class ImageClassifier(WeightsOnlyLoading, pl.LightningModule):
     # ---- optimisation ------------------------------------------------------------------------------
 
     def configure_optimizers(self):
-        no_wd = self.model.no_weight_decay() if hasattr(self.model, "no_weight_decay") else ()
-        optimizer = self.optimizer_factory(param_groups(self.model, no_wd))
         hp = self.hparams
+        no_wd = self.model.no_weight_decay() if hasattr(self.model, "no_weight_decay") else ()
+        optimizer = self.optimizer_factory(param_groups(self.model, no_wd, hp.get("layer_decay")))
+        lr = self._lr_from_batch() if hp.get("lr_base") is not None else None
+        for group in optimizer.param_groups:  # before the scheduler records each group's starting LR
+            group["lr"] = (lr if lr is not None else group["lr"]) * group.get("lr_scale", 1.0)
         scheduler = build_lr_scheduler(optimizer, self.trainer, hp.warmup_epochs, hp.warmup_steps,
                                        hp.lr_schedule, hp.min_lr_ratio, hp.lr_milestones, hp.lr_gamma)
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def _lr_from_batch(self) -> float:
+        """timm's ``lr_base`` rule: ``lr_base × (global batch / lr_base_size)``, linear or square root."""
+        hp, trainer = self.hparams, self.trainer
+        batch_size = getattr(getattr(trainer, "datamodule", None), "batch_size", None)
+        if batch_size is None:
+            raise ValueError("lr_base scales the LR by the batch size, which comes from a data module with a "
+                             "batch_size (ImageDataModule); set the optimizer's lr instead")
+        global_batch = batch_size * trainer.world_size * trainer.accumulate_grad_batches
+        ratio = global_batch / hp.lr_base_size
+        lr = hp.lr_base * (math.sqrt(ratio) if hp.lr_base_scale == "sqrt" else ratio)
+        rank_zero_info(f"lr = lr_base {hp.lr_base} x {hp.lr_base_scale}({global_batch} / {hp.lr_base_size}) = {lr:.4g}")
+        return lr
 
     # ---- export ------------------------------------------------------------------------------------------
 
     def export(self, save_directory: Union[str, Path], mean: Optional[Sequence[float]] = None,
                std: Optional[Sequence[float]] = None, class_names: Optional[Sequence[str]] = None,
-               safe_serialization: bool = True) -> Path:
-        """Save the timm model with ``timm.models.save_for_hf``: reload it with
+               safe_serialization: bool = True, use_ema: Optional[bool] = None) -> Path:
+        """Save the timm model (``use_ema``: its EMA weights; default: those evaluated, ``evaluated_model``)
+        with ``timm.models.save_for_hf``: reload it with
         ``timm.create_model("local-dir:<save_directory>", pretrained=True)``. ``mean``/``std`` (the
         training normalisation, default: the linked data's) go into its pretrained_cfg, so
         ``timm.data.resolve_data_config`` gives the right preprocessing; ``class_names`` become its
@@ -399,7 +528,10 @@ class ImageClassifier(WeightsOnlyLoading, pl.LightningModule):
         if std is not None:
             data_config["std"] = tuple(float(s) for s in std)
         # model_args: the λ / head-norm choices, so a ``local-dir:`` reload builds what was trained
-        save_for_hf(self.model, save_directory, model_config=model_config, data_config=data_config,
+        if use_ema and self.ema is None:
+            raise ValueError("use_ema=True, but this classifier keeps no EMA of its weights (ema is off)")
+        model = self.evaluated_model if use_ema is None else (self.ema.module if use_ema else self.model)
+        save_for_hf(model, save_directory, model_config=model_config, data_config=data_config,
                     model_args=getattr(self.model, "attn_options", None) or None,
                     safe_serialization=safe_serialization)
         return save_directory

@@ -28,6 +28,11 @@ def differential_layers(module: nn.Module) -> list[nn.Module]:
     return [m for m in attention_layers(module) if m.attn_kind != "standard" and id(m) not in in_copies]
 
 
+def _monitored(pl_module: pl.LightningModule) -> nn.Module:
+    """The weights whose λ is logged: a classifier's evaluated ones (its EMA's, with ``ema_eval``), else the module."""
+    return getattr(pl_module, "evaluated_model", pl_module)
+
+
 class LambdaMonitor(pl.Callback):
     """Logs λ per differential attention layer as ``lambda/layer_<i>`` (``i`` counts the DIFF / GDA /
     DIFF V2 modules in definition order, i.e. blocks in depth order).
@@ -56,7 +61,7 @@ class LambdaMonitor(pl.Callback):
         if epoch % self.every_n_epochs and epoch != trainer.max_epochs:
             return
         values = {}
-        for i, layer in enumerate(differential_layers(pl_module)):
+        for i, layer in enumerate(differential_layers(_monitored(pl_module))):
             if isinstance(layer, GroupedDifferentialAttention):
                 with torch.no_grad():
                     values[f"lambda/layer_{i}"] = float(layer.lam().float().mean())
@@ -67,7 +72,7 @@ class LambdaMonitor(pl.Callback):
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
-        v2 = [(i, m) for i, m in enumerate(differential_layers(pl_module)) if isinstance(m, DifferentialAttentionV2)]
+        v2 = [(i, m) for i, m in enumerate(differential_layers(_monitored(pl_module))) if isinstance(m, DifferentialAttentionV2)]
         self._v2_index = [i for i, _ in v2]
         self._sums, self._counts = [None] * len(v2), [0] * len(v2)
         for j, (_, layer) in enumerate(v2):

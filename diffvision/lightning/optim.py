@@ -1,11 +1,27 @@
-"""What both LightningModules share: weight-decay parameter groups, warmup + cosine LR, per-step RNG."""
+"""What both LightningModules share: weight-decay parameter groups, warmup + cosine LR, per-step RNG.
+
+The parameter groups are timm's (``timm.optim.param_groups_weight_decay`` / ``param_groups_layer_decay``:
+what ``timm.optim.create_optimizer_v2`` builds). The optimizer itself stays a factory of the config
+(``optimizer: class_path: torch.optim.AdamW`` + ``init_args``), as before: ``create_optimizer_v2`` picks
+it by a timm name instead, which existing configs do not use.
+
+The LR schedule stays this closed-form warm-up + cosine (``lr_factor``, a ``LambdaLR`` stepped per
+optimizer step) rather than ``timm.scheduler.CosineLRScheduler``, for a measured reason: stepped per
+update with ``warmup_prefix=True`` timm's gives ``warmup_lr_init`` (0) to the first step and reaches the
+peak one step later (warm-up factors 0, 0.2, ..., 0.8 for 5 steps; here 0.2, 0.4, ..., 1.0), the cosine
+after it being the same. Switching would change the LR of the first steps of every existing run, and
+the checkpoints saved so far hold ``LambdaLR`` state that a timm scheduler cannot resume from.
+timm's layer-wise ``lr_scale`` is applied to each group's starting LR, which ``LambdaLR`` then scales
+(timm's schedulers multiply it in the same way).
+"""
 from __future__ import annotations
 
 import contextlib
 import math
 import os
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -26,21 +42,34 @@ def default_adamw(params: Iterable) -> torch.optim.Optimizer:
 torch.serialization.add_safe_globals([default_adamw])
 
 
-def param_groups(model: nn.Module, no_weight_decay: Iterable[str] = ()) -> list[dict]:
-    """Two groups: weights (the optimizer's weight decay) and 1-d params / biases / norms / λ vectors
-    / names in ``no_weight_decay`` (e.g. timm's ``pos_embed``, ``cls_token``), with weight_decay=0."""
-    skip = set(no_weight_decay)
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim <= 1 or name.endswith(".bias") or name in skip or name.split(".")[-1] in skip:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    groups = [{"params": decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+# timm's group functions write a weight decay into every group; the decayed ones are given this marker and
+# then lose the key, so they take the optimizer's own weight_decay (its init_args), whatever it is (0 too)
+_OPTIMIZER_WEIGHT_DECAY = 1.0
+
+
+def param_groups(model: nn.Module, no_weight_decay: Iterable[str] = (), layer_decay: Optional[float] = None) -> list[dict]:
+    """timm's parameter groups for an optimizer factory: 1-d params / biases / norms / λ vectors / names in
+    ``no_weight_decay`` (e.g. ``pos_embed``, ``cls_token``) get weight_decay=0, the rest the optimizer's.
+
+    Without ``layer_decay``: ``timm.optim.param_groups_weight_decay``, the decayed group first (the order
+    of the groups before timm built them, so the optimizer state of older checkpoints lines up). With it:
+    ``timm.optim.param_groups_layer_decay``, one group per (layer, decay) with ``lr_scale`` =
+    ``layer_decay ** (depth - layer)`` (the head 1, the embedding smallest), for fine-tuning."""
+    from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+
+    no_weight_decay = list(no_weight_decay)
+    if layer_decay is None:
+        groups = param_groups_weight_decay(model, weight_decay=_OPTIMIZER_WEIGHT_DECAY,
+                                           no_weight_decay_list=no_weight_decay)
+        groups.sort(key=lambda g: g["weight_decay"] == 0.0)  # stable: decayed first
+    else:
+        if not 0.0 < layer_decay <= 1.0:
+            raise ValueError(f"layer_decay must be in (0, 1] (the LR ratio of one layer to the next), got {layer_decay}")
+        groups = param_groups_layer_decay(model, weight_decay=_OPTIMIZER_WEIGHT_DECAY,
+                                          no_weight_decay_list=no_weight_decay, layer_decay=layer_decay)
+    for group in groups:
+        if group["weight_decay"] == _OPTIMIZER_WEIGHT_DECAY:
+            del group["weight_decay"]
     return groups
 
 
@@ -115,8 +144,6 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, trainer, warmup_epochs:
 def step_seed(base_seed: int, *keys: int) -> int:
     """A 63-bit seed for ``(base_seed, *keys)`` (e.g. epoch, batch, rank), mixed by numpy's
     SeedSequence: deterministic everywhere, unrelated for neighbouring keys."""
-    import numpy as np
-
     entropy = [int(base_seed) % 2**63, *(int(k) for k in keys)]
     return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]) >> 1
 
@@ -135,13 +162,18 @@ def run_seed() -> int:
 
 @contextlib.contextmanager
 def step_rng(seed: int, device: torch.device) -> Iterator[None]:
-    """Run a block with the global RNGs (CPU, and ``device``'s if CUDA) seeded by ``seed``, restoring
+    """Run a block with the global RNGs (torch's CPU and ``device``'s if CUDA, numpy's) seeded by ``seed``, restoring
     them afterwards. Every random draw of a training step (noise, timesteps, dropout, label dropout)
     then depends on (seed, epoch, batch, rank) alone: a resumed run repeats them exactly."""
     devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, device_type="cuda"):
-        torch.default_generator.manual_seed(seed)
-        if devices:
-            with torch.cuda.device(device):
-                torch.cuda.manual_seed(seed)
-        yield
+    np_state = np.random.get_state()  # numpy's global generator too: timm's Mixup draws from it
+    try:
+        with torch.random.fork_rng(devices=devices, device_type="cuda"):
+            torch.default_generator.manual_seed(seed)
+            np.random.seed(seed % 2**32)
+            if devices:
+                with torch.cuda.device(device):
+                    torch.cuda.manual_seed(seed)
+            yield
+    finally:
+        np.random.set_state(np_state)
