@@ -105,7 +105,8 @@ def test_registered_names_exist_and_do_not_shadow_timm():
     assert sorted(timm.list_models('gda_vit*')) == sorted(GDA_NAMES)
     assert sorted(timm.list_models('diffv2_vit*')) == sorted(DIFFV2_NAMES)
     ours = [n for n in timm.list_models() if timm.models.model_entrypoint(n).__module__.startswith('diffvision')]
-    assert sorted(ours) == sorted(ALL_NAMES)
+    linear = timm.list_models('linear_vit*') + timm.list_models('dydila_vit*')  # tests/test_linear_attention.py
+    assert sorted(ours) == sorted(ALL_NAMES + linear) and len(linear) == 10
     for name in ('vit_tiny_patch16_224', 'vit_small_patch16_224', 'vit_base_patch16_224'):
         assert timm.models.model_entrypoint(name).__module__ == 'timm.models.vision_transformer'
 
