@@ -323,7 +323,8 @@ class DiffvisionCLI(LightningCLI):
                  "(default: the name of the last --config file, else the model class).")
         parser.add_argument(
             "--attn_kind", type=Optional[str], default=None,
-            help="Attention kind of the model (diffvision.attention.ATTN_KINDS: standard, diff, gda, diffv2), "
+            help="Attention kind of the model (diffvision.attention.ATTN_KINDS: standard, diff, gda, diffv2, linear, "
+                 "dydila), "
                  "applied over the recipe: a classifier's model_name becomes that kind's equal-parameter twin "
                  "(vit_tiny_patch4_32 -> diff_vit_tiny_patch4_32), a diffusion model's attn_kind is set. "
                  "The overlays configs/kinds/<kind>.yaml set it too.")

@@ -26,14 +26,14 @@ def n_params(m):
 
 
 def test_every_kind_names_its_layer_and_backends():
-    assert list(ATTN_KINDS) == ["standard", "diff", "gda", "diffv2"]
+    assert list(ATTN_KINDS) == ["standard", "diff", "gda", "diffv2", "linear", "dydila"]
     for name, kind in ATTN_KINDS.items():
         assert kind.layer.attn_kind == name
         assert set(kind.backends) <= set(BACKENDS)
         layer = create_attention(name, 192, **layer_heads(name, **twin_heads(name, 192, 3)))
         assert isinstance(layer, kind.layer) and layer.layout["attn_kind"] == name
     assert ATTN_KINDS["diffv2"].backends == ("auto", "math", "sdpa")  # one SDPA call, no Triton kernel of ours
-    assert ATTN_KINDS["standard"].backends == ()
+    assert ATTN_KINDS["standard"].backends == ATTN_KINDS["linear"].backends == ATTN_KINDS["dydila"].backends == ()
 
 
 def test_one_keyword_for_the_kind_and_one_for_the_backend_in_both_families():
@@ -69,7 +69,11 @@ def test_twin_rule(kind, dim, H, expected):
     assert twin_heads(kind, dim, H) == expected
 
 
-@pytest.mark.parametrize("kind", list(ATTN_KINDS))
+# the softmax kinds; the linear kinds' twin rule (few heads, + conv / banks) is tests/test_linear_attention.py's
+SOFTMAX_KINDS = [k for k in ATTN_KINDS if k not in ("linear", "dydila")]
+
+
+@pytest.mark.parametrize("kind", SOFTMAX_KINDS)
 @pytest.mark.parametrize("dim,H", [(192, 3), (384, 6), (768, 12), (1024, 16)])
 def test_twins_have_the_standard_models_parameters_within_one_percent(kind, dim, H):
     if kind == "gda" and H % 3:
@@ -96,8 +100,8 @@ def test_gda_rule_errors_propose_splits():
         twin_heads("diff", 48, 6, signal_heads=4, noise_heads=2)
     with pytest.raises(ValueError, match="even attention_head_dim"):
         twin_heads("diff", 15, 3)
-    with pytest.raises(ValueError, match="unknown attn_kind 'linear'"):
-        twin_heads("linear", 48, 6)
+    with pytest.raises(ValueError, match=r"unknown attn_kind 'lineaer' \(did you mean 'linear'"):
+        twin_heads("lineaer", 48, 6)
     assert twin_heads("diffv2", 384, 6, num_kv_heads=1) == {"num_heads": 6, "num_kv_heads": 1}
 
 
@@ -147,7 +151,7 @@ def test_legacy_keywords_are_renamed_and_a_disagreement_is_an_error():
 
 def test_create_attention_runs_every_kind_through_one_interface():
     x = torch.randn(2, 6, 48, requires_grad=True)
-    for kind in ATTN_KINDS:
+    for kind in SOFTMAX_KINDS:  # masks need an N×N map: the linear kinds refuse them (test_linear_attention.py)
         m = create_attention(kind, 48, qkv_bias=True, qk_norm=True, scale_norm=True, attn_drop=0.1, proj_drop=0.1,
                              norm_layer=nn.LayerNorm, **layer_heads(kind, **twin_heads(kind, 48, 6)))
         out = m(x)

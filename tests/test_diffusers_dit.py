@@ -272,7 +272,7 @@ def test_bad_model_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="timestep is required"):
         model(x, None, y)
     for bad, match in [(dict(sample_size=10, patch_size=4), "divisible by patch_size"),
-                       (dict(attn_kind="linear"), "accepted"),
+                       (dict(attn_kind="lineaer"), "accepted"),
                        (dict(attn_backend="cuda"), "accepted"),
                        (dict(attn_kind="diffv2", attn_backend="triton"), "does not run on attn_backend='triton'"),
                        (dict(lambda_mode="learned"), "unknown lambda_mode"),

@@ -312,8 +312,9 @@ UNKNOWN_NAMES = {
                                r"unknown preset 'DiT-XS/2' \(did you mean .*'DiT-S/2'"),
     "DiffusionModule sampler": (lambda: DiffusionModule(**{**DIFFUSION_KW, "sampler": "dpm-solver"}),
                                 r"unknown sampler 'dpm-solver' \(did you mean 'dpmsolver'.*accepted"),
-    "nothing close": (lambda: DiffusionModule(**{**DIFFUSION_KW, "attn_kind": "linear"}),
-                      r"^unknown attn_kind 'linear'; accepted: \['standard', 'diff', 'gda', 'diffv2'\]$"),
+    "nothing close": (lambda: DiffusionModule(**{**DIFFUSION_KW, "attn_kind": "performer"}),
+                      r"^unknown attn_kind 'performer'; accepted: \['standard', 'diff', 'gda', 'diffv2', 'linear', "
+                      r"'dydila'\]$"),
 }
 
 

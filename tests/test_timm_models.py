@@ -106,7 +106,8 @@ def test_registered_names_exist_and_do_not_shadow_timm():
     assert sorted(timm.list_models('diffv2_vit*')) == sorted(DIFFV2_NAMES)
     modules = {n: timm.models.model_entrypoint(n).__module__ for n in timm.list_models()}
     ours = [n for n, module in modules.items() if module.startswith('diffvision.models')]
-    assert sorted(ours) == sorted(ALL_NAMES)
+    linear = timm.list_models('linear_vit*') + timm.list_models('dydila_vit*')  # tests/test_linear_attention.py
+    assert sorted(ours) == sorted(ALL_NAMES + linear) and len(linear) == 10
     # experiment replicas (issue 17) register outside diffvision.models, under a prefix that says so
     others = [n for n, module in modules.items() if module.startswith('diffvision') and n not in ours]
     assert all(n.startswith('espformer_') for n in others), others

@@ -1,10 +1,11 @@
 """diffvision.attention: the one differential attention implementation every model uses.
 
-``functional`` holds the kernels, ``maps`` the one mask -> bias rule and softmax-map helper, ``modules`` the layers, ``registry`` the attention kinds (the names
+``functional`` holds the kernels, ``maps`` the one mask -> bias rule and softmax-map helper, ``modules`` the softmax layers, ``linear`` the linear-attention layers (LiT, DyDiLA), ``registry`` the attention kinds (the names
 ``attn_kind`` takes everywhere, their head rules, backends and options).
 """
 from .maps import attention_bias, softmax_maps
 from .functional import BACKENDS, V2_BACKENDS, available_backends, differential_attention, differential_attention_v2
+from .linear import DYDILA_OPTIONS, LINEAR_OPTIONS, DynamicDifferentialLinearAttention, LinearAttention
 from .modules import (
     LAMBDA_MODES,
     DifferentialAttention,
@@ -40,6 +41,10 @@ __all__ = [
     "V2_BACKENDS",
     "DifferentialAttention",
     "DifferentialAttentionV2",
+    "DYDILA_OPTIONS",
+    "DynamicDifferentialLinearAttention",
+    "LINEAR_OPTIONS",
+    "LinearAttention",
     "GroupedDifferentialAttention",
     "MultiHeadAttention",
     "attention_layers",

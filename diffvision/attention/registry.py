@@ -8,7 +8,8 @@ A kind is a name, the value of ``attn_kind`` everywhere (timm models, ``DiffDiTT
 * its **head-layout rule** (:func:`layer_heads`): the model's head arguments -> the module's keywords;
 * its **parameter-twin rule** (:func:`twin_heads`): a standard model's ``H`` heads of ``dim / H`` -> this
   kind's head arguments at (almost) the same parameter count;
-* the kernel backends it runs on (``attn_backend``) and the options it takes (λ, head norm).
+* the kernel backends it runs on (``attn_backend``) and the options it takes (λ, head norm; the linear
+  kinds' ``linear_options``).
 
 Head arguments are spelled as the timm models take them: ``num_heads`` is the module's own head count
 (softmax heads, differential heads, GDA signal heads, DIFF V2 output heads), plus ``noise_heads`` (gda)
@@ -24,6 +25,7 @@ import torch.nn as nn
 
 from ..choices import check_choice
 from .functional import BACKENDS, V2_BACKENDS
+from .linear import DynamicDifferentialLinearAttention, LinearAttention
 from .modules import (
     DifferentialAttention,
     DifferentialAttentionV2,
@@ -58,7 +60,9 @@ VISION_OPTIONS: dict[str, Any] = {"lambda_init": 0.8, "lambda_mode": "fixed", "h
 LAMBDA_OPTIONS = tuple(PAPER_OPTIONS)
 # Options a kind may take besides its heads, at the models' defaults. A model passes them to every kind; a
 # kind that does not take one accepts it only at a default (the models' today or the paper's).
-OPTION_DEFAULTS: dict[str, Any] = {**VISION_OPTIONS, "backend": "auto"}
+# ``linear_options``: the options of the linear kinds (diffvision.attention.linear.LINEAR_OPTIONS /
+# DYDILA_OPTIONS) as one dict; None (or {}) = their defaults.
+OPTION_DEFAULTS: dict[str, Any] = {**VISION_OPTIONS, "backend": "auto", "linear_options": None}
 
 # Keyword names used before the vocabulary was unified (saved DiT configs, Lightning hparams, YAML).
 LEGACY_KEYWORDS = {"attention_type": "attn_kind", "diff_attention_backend": "attn_backend"}
@@ -163,6 +167,18 @@ def _twin_diffv2(dim: int, H: int, explicit: dict) -> dict:
     return {"num_heads": h, "num_kv_heads": h // 2 if num_kv_heads is None else int(num_kv_heads)}
 
 
+def _twin_linear(dim: int, H: int, explicit: dict) -> dict:
+    """Few heads, as LiT: min(H, 2) heads of dim / heads (or the explicit ``linear_heads``). The projections keep
+    a standard MHA's shapes; ``linear`` adds only the depthwise conv (``conv_size²·d_h + d_h``: +1.7 % of the
+    attention at ViT-Ti, +0.8 % at DiT-S, +0.18 % of the whole DiT-S/4); ``dydila`` adds its projector banks
+    (``2·n_P·dim²``: 1.5× the attention at n_P = 3), routers and γ / λ banks, which a parameter-matched model
+    pays for elsewhere (README, "Linear attention (LiT, DyDiLA)")."""
+    heads = explicit.get("linear_heads", min(H, 2))
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads <= 0 or dim % heads != 0:
+        raise ValueError(f"linear_heads={heads!r} must be a positive int dividing the width {dim}")
+    return {"num_heads": heads}
+
+
 ATTN_KINDS: dict[str, AttnKind] = {
     "standard": AttnKind(
         "standard", MultiHeadAttention, "softmax(Q Kᵀ·s) V", backends=(), head_args=(), options=(),
@@ -181,10 +197,24 @@ ATTN_KINDS: dict[str, AttnKind] = {
         "diffv2", DifferentialAttentionV2,
         "A(q_2i) − σ(W_λ x)_i·A(q_2i+1): 2h query heads on h_kv key/value heads, one SDPA call",
         backends=V2_BACKENDS, head_args=("num_kv_heads",), options=("backend",), twin=_twin_diffv2),
+    "linear": AttnKind(
+        "linear", LinearAttention,
+        "LiT: φ(Q)(φ(K)ᵀV) / φ(Q)Σφ(K), φ = ReLU + ε, + 5×5 depthwise conv on V; O(N·d²)",
+        backends=(), head_args=(), options=("linear_options",), twin=_twin_linear),
+    "dydila": AttnKind(
+        "dydila", DynamicDifferentialLinearAttention,
+        "DyDiLA (reconstruction): routed projectors Q', K', routed power kernel φ_γ, "
+        "(φ(Q) − λφ(Q'))((φ(K) − λφ(K'))ᵀV), normalised; O(N·d²)",
+        backends=(), head_args=(), options=("linear_options",), twin=_twin_linear),
 }
 
-# The twin rules' explicit head arguments, by kind (DiT config keys).
-_EXPLICIT = {"signal_heads": "gda", "noise_heads": "gda", "num_kv_heads": "diffv2"}
+# The twin rules' explicit head arguments, and the kinds that take them (DiT config keys).
+_EXPLICIT = {"signal_heads": ("gda",), "noise_heads": ("gda",), "num_kv_heads": ("diffv2",),
+             "linear_heads": ("linear", "dydila")}
+
+
+def _kinds_text(kinds: tuple) -> str:
+    return " or ".join(f"attn_kind={k!r}" for k in kinds)
 
 
 def get_attn_kind(name: Any) -> AttnKind:
@@ -195,7 +225,7 @@ def get_attn_kind(name: Any) -> AttnKind:
 def twin_heads(attn_kind: str, dim: int, num_heads: int, **explicit: Optional[int]) -> dict:
     """Head arguments of ``attn_kind`` at the parameters of a standard model with ``num_heads`` heads of
     ``dim / num_heads`` (the parameter-twin rule). ``explicit`` may set ``signal_heads`` / ``noise_heads``
-    (gda) or ``num_kv_heads`` (diffv2); ``None`` values are ignored.
+    (gda), ``num_kv_heads`` (diffv2) or ``linear_heads`` (linear, dydila); ``None`` values are ignored.
 
     >>> twin_heads("gda", 384, 6)
     {'num_heads': 4, 'noise_heads': 2}
@@ -205,8 +235,8 @@ def twin_heads(attn_kind: str, dim: int, num_heads: int, **explicit: Optional[in
     for key in given:
         if key not in _EXPLICIT:
             raise TypeError(f"twin_heads() got an unexpected head argument {key!r}; accepted: {sorted(_EXPLICIT)}")
-        if _EXPLICIT[key] != kind.name:
-            raise ValueError(f"{key}={given[key]} only applies to attn_kind={_EXPLICIT[key]!r}, got "
+        if kind.name not in _EXPLICIT[key]:
+            raise ValueError(f"{key}={given[key]} only applies to {_kinds_text(_EXPLICIT[key])}, got "
                              f"attn_kind={kind.name!r}; leave it None")
     return kind.twin(dim, num_heads, given)
 
@@ -235,7 +265,7 @@ def _kinds_taking(option: str) -> list[str]:
 
 def _is_default(option: str, value: Any) -> bool:
     return (value == OPTION_DEFAULTS[option] or value == PAPER_OPTIONS.get(option, OPTION_DEFAULTS[option])
-            or (option == "lambda_init" and value is None))
+            or (option == "lambda_init" and value is None) or (option == "linear_options" and value == {}))
 
 
 def check_attn_backend(backend: Any, attn_kind: Optional[str] = None) -> str:
@@ -246,7 +276,7 @@ def check_attn_backend(backend: Any, attn_kind: Optional[str] = None) -> str:
     kind = get_attn_kind(attn_kind)
     if not kind.backends:
         if backend != OPTION_DEFAULTS["backend"]:
-            raise ValueError(f"attn_kind={kind.name!r} has no kernel backends (it is always SDPA), got "
+            raise ValueError(f"attn_kind={kind.name!r} has no kernel backends (one implementation), got "
                              f"attn_backend={backend!r}; backends apply to {_kinds_taking('backend')}")
     elif backend not in kind.backends:
         raise ValueError(f"attn_kind={kind.name!r} does not run on attn_backend={backend!r}; accepted: "
@@ -255,10 +285,10 @@ def check_attn_backend(backend: Any, attn_kind: Optional[str] = None) -> str:
 
 
 def create_attention(attn_kind: str, dim: int, **kwargs) -> nn.Module:
-    """Build an attention layer by kind: ``"standard"`` / ``"diff"`` (``num_heads``), ``"gda"``
-    (``signal_heads``, ``noise_heads``) or ``"diffv2"`` (``num_heads``, ``num_kv_heads``), with timm
+    """Build an attention layer by kind: ``"standard"`` / ``"diff"`` / ``"linear"`` / ``"dydila"`` (``num_heads``),
+    ``"gda"`` (``signal_heads``, ``noise_heads``) or ``"diffv2"`` (``num_heads``, ``num_kv_heads``), with timm
     ``Block`` keywords and the kind's options (``lambda_init``, ``lambda_mode``, ``head_norm``,
-    ``backend``). Options a kind does not take are accepted at their defaults only, so a model can pass
+    ``backend``, ``linear_options``). Options a kind does not take are accepted at their defaults only, so a model can pass
     them to every kind and a real setting is never silently dropped."""
     kind = get_attn_kind(attn_kind)
     for option in OPTION_DEFAULTS:

@@ -87,7 +87,11 @@ _FACEBOOK_RENAMES = {  # facebookresearch/DiT name -> ours
 _FACEBOOK_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")  # blocks.N.mlp.fc1 -> transformer_blocks.N.ff.net.0.proj
 _FACEBOOK_MLP = {"mlp.fc1.": "ff.net.0.proj.", "mlp.fc2.": "ff.net.2."}
 # Parameters only differential attention has: nothing in a standard DiT supplies them.
-_DIFF_ONLY_KEY = re.compile(r"\.attn\.(lambda_(q1|k1|q2|k2|scalar)|sub_norm\.weight|lambda_proj\.weight)$")
+# (+ the linear kinds' own: the conv on V, projector banks, routers, γ / λ banks, out norm; LiT's weight
+# inheritance loads everything else from the standard DiT)
+_DIFF_ONLY_KEY = re.compile(r"\.attn\.(lambda_(q1|k1|q2|k2|scalar)|sub_norm\.weight|lambda_proj\.weight|"
+                            r"dwc\.(weight|bias)|[qk]_bank|[qk]_router\.weight|(kernel|lambda)_routers\.\d+\.weight|"
+                            r"gammas|lambda_bank|out_norm\.weight)$")
 # What each layout fixes that its state dict does not record (diffusers hard-codes the timestep shift;
 # the original DiT also uses LayerNorm eps 1e-6 and tanh-GELU everywhere).
 _LAYOUT_CONFIG = {"diffusers": dict(timestep_freq_shift=1),

@@ -4,8 +4,8 @@ The architecture is DiT's: patchify + fixed 2-D sin-cos positions, a timestep em
 embedding (with a null class for classifier-free guidance) summed into one conditioning vector,
 adaLN-Zero blocks, an adaLN final layer and unpatchify, with optional learned sigma
 (``out_channels = 2 * in_channels``). Attention is built by :func:`diffvision.attention.create_attention`
-from the config's ``attn_kind`` (``"standard"``, ``"diff"``, ``"gda"`` or ``"diffv2"``); this file holds
-no attention math of its own.
+from the config's ``attn_kind`` (``"standard"``, ``"diff"``, ``"gda"``, ``"diffv2"``, or the linear kinds
+``"linear"`` (LiT) and ``"dydila"`` (a reconstruction of DyDiLA)); this file holds no attention math of its own.
 
 With ``attn_kind="standard"`` the model is diffusers' ``DiTTransformer2DModel`` with the
 conditioning embedding stored once instead of once per block; :mod:`diffvision.diffusion.convert_dit`
@@ -16,7 +16,8 @@ Heads: ``H = num_attention_heads`` is the head count of the standard model and `
 attention_head_dim`` the hidden size; every other kind takes its heads from the registry's parameter-twin
 rule (:func:`diffvision.attention.twin_heads`): ``"diff"`` ``H / 2`` differential heads, ``"gda"`` 2:1
 signal:noise with ``signal + noise = H`` (or explicit ``signal_heads`` / ``noise_heads``), ``"diffv2"``
-``H`` output heads on ``H / 2`` key/value heads (or an explicit ``num_kv_heads``).
+``H`` output heads on ``H / 2`` key/value heads (or an explicit ``num_kv_heads``), ``"linear"`` / ``"dydila"``
+``min(H, 2)`` heads of ``D / heads`` (or an explicit ``linear_heads``).
 """
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ class DiffDiTBlock(nn.Module):
         super().__init__()
         # eps 1e-6 before attention, norm_eps before the MLP: diffusers' DiT block (DiT used 1e-6 for both).
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        # attn_options: lambda_init, lambda_mode, head_norm, backend (create_attention refuses a real setting
+        # attn_options: lambda_init, lambda_mode, head_norm, backend, linear_options (create_attention refuses a real setting
         # the kind does not take)
         self.attn = create_attention(
             attn_kind, dim, qkv_bias=attention_bias, qk_norm=qk_norm, proj_bias=True, proj_drop=dropout,
@@ -123,10 +124,14 @@ class DiffDiTTransformer2DModel(ModelMixin, ConfigMixin):
         timestep_freq_shift (`float`, defaults to 1.0): diffusers' ``downscale_freq_shift`` of the
             sinusoidal timestep features; 1 as in diffusers' DiT, 0 as in the original DiT code.
         mlp_ratio (`float`, defaults to 4.0): MLP hidden width / ``D``.
-        attn_kind (`str`, defaults to "diff"): "standard", "diff", "gda" or "diffv2"
+        attn_kind (`str`, defaults to "diff"): "standard", "diff", "gda", "diffv2", "linear" or "dydila"
             (``diffvision.attention.ATTN_KINDS``). Old name: ``attention_type``.
         signal_heads, noise_heads (`int`, *optional*): Explicit GDA head counts (only with "gda").
         num_kv_heads (`int`, *optional*): Explicit DIFF V2 key/value heads (a divisor of ``H``; only with "diffv2").
+        linear_heads (`int`, *optional*): Heads of "linear" / "dydila" (default ``min(H, 2)``, LiT's few heads).
+        linear_options (`dict`, *optional*): Options of "linear" / "dydila" (``diffvision.attention.LINEAR_OPTIONS``
+            / ``DYDILA_OPTIONS``, e.g. ``{"projectors": 0}``); None: their defaults. Their 5×5 conv runs on the
+            token grid (``sample_size / patch_size`` square, no prefix tokens).
         qk_norm (`bool`, defaults to False): LayerNorm on per-head queries and keys.
         lambda_init (`float` or "schedule", defaults to "schedule"): λinit of DIFF / GDA; "schedule" (or None)
             is the paper's depth rule ``0.8 - 0.6·exp(-0.3·depth)``.
@@ -166,6 +171,8 @@ class DiffDiTTransformer2DModel(ModelMixin, ConfigMixin):
         signal_heads: Optional[int] = None,
         noise_heads: Optional[int] = None,
         num_kv_heads: Optional[int] = None,
+        linear_heads: Optional[int] = None,
+        linear_options: Optional[dict] = None,
         qk_norm: bool = False,
         lambda_init: Union[float, str, None] = "schedule",
         lambda_mode: str = "reparam",
@@ -180,7 +187,7 @@ class DiffDiTTransformer2DModel(ModelMixin, ConfigMixin):
         validate_config(self.config, dim)
         head_kwargs = layer_heads(attn_kind, **twin_heads(
             attn_kind, dim, num_attention_heads, signal_heads=signal_heads, noise_heads=noise_heads,
-            num_kv_heads=num_kv_heads))
+            num_kv_heads=num_kv_heads, linear_heads=linear_heads))
 
         self.inner_dim = dim
         self.out_channels = in_channels if out_channels is None else out_channels
@@ -198,7 +205,7 @@ class DiffDiTTransformer2DModel(ModelMixin, ConfigMixin):
                 dim, attn_kind, head_kwargs, depth=i, mlp_ratio=mlp_ratio, dropout=dropout,
                 attention_bias=attention_bias, qk_norm=qk_norm, activation_fn=activation_fn,
                 norm_eps=norm_eps, lambda_init=lambda_init, lambda_mode=lambda_mode, head_norm=head_norm,
-                backend=attn_backend)
+                backend=attn_backend, linear_options=linear_options)
             for i in range(num_layers)
         ])
         self.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)

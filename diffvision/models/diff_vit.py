@@ -8,6 +8,9 @@ timm's ``VisionTransformer`` and ``Block`` with the attention swapped for diffvi
 * GDA (grouped differential attention): ``Hs`` signal maps share ``Hn < Hs`` noise maps (like GQA).
 * DIFF V2 (the authors' 2026 successor): ``2h`` query heads on GQA key/value heads, one attention call,
   λ = σ(W_λ x) per token and head, no per-head norm.
+* linear (LiT) and dydila (a reconstruction of DyDiLA): O(N·d²) linear attention with a depthwise conv on the
+  patch grid (the class token gets none); see :mod:`diffvision.attention.linear`. At 32×32 (64 tokens) they
+  are not faster than softmax attention: linear attention pays at thousands of tokens.
 
 Every model has a standard-attention twin of the same width, depth and parameter count (±1%):
 timm's own ``vit_{tiny,small,base}_patch16_224``, and ``vit_{tiny,small}_patch4_32`` defined here
@@ -72,8 +75,10 @@ _logger = logging.getLogger(__name__)
 
 # Parameters only differential attention has (a standard checkpoint cannot supply them), and of those the
 # ones not decayed: λ (re-parameterised or per head) and the per-head norm's gain.
-_NO_DECAY_PARAMS = r'lambda_(q1|k1|q2|k2|scalar)|sub_norm\.weight'
-_DIFF_ONLY_KEY = re.compile(rf'^blocks\.\d+\.attn\.({_NO_DECAY_PARAMS}|lambda_proj\.weight)$')
+_NO_DECAY_PARAMS = r'lambda_(q1|k1|q2|k2|scalar)|sub_norm\.weight|gammas|lambda_bank|out_norm\.weight'
+# linear / dydila: the conv on V, the projector banks and the routers
+_LINEAR_ONLY_PARAMS = r'dwc\.(weight|bias)|[qk]_bank|[qk]_router\.weight|(kernel|lambda)_routers\.\d+\.weight'
+_DIFF_ONLY_KEY = re.compile(rf'^blocks\.\d+\.attn\.({_NO_DECAY_PARAMS}|lambda_proj\.weight|{_LINEAR_ONLY_PARAMS})$')
 # DIFF V2's W_λ is decayed like the q/k/v projections: it is a projection of the tokens, and decay pulls
 # it towards λ = σ(0) = 0.5 for every token, a mild prior rather than a collapse.
 _NO_DECAY_KEY = re.compile(rf'^blocks\.\d+\.attn\.({_NO_DECAY_PARAMS})$')
@@ -112,6 +117,7 @@ class DiffBlock(Block):
             lambda_mode: str = VISION_OPTIONS['lambda_mode'],
             head_norm: bool = VISION_OPTIONS['head_norm'],
             attn_backend: str = 'auto',
+            linear_options: Optional[Dict[str, Any]] = None,
             device=None,
             dtype=None,
     ) -> None:
@@ -132,7 +138,7 @@ class DiffBlock(Block):
             qkv_bias=qkv_bias, qk_norm=qk_norm, scale_norm=scale_attn_norm, proj_bias=proj_bias,
             attn_drop=attn_drop, proj_drop=proj_drop, norm_layer=norm_layer, depth=depth,
             lambda_init=lambda_init, lambda_mode=lambda_mode, head_norm=head_norm, backend=attn_backend,
-            device=device, dtype=dtype,
+            linear_options=linear_options, device=device, dtype=dtype,
         )
 
 
@@ -162,6 +168,9 @@ class DiffVisionTransformer(VisionTransformer):
         built with.
         attn_backend: kernel backend (``'auto'``, ``'math'``, ``'sdpa'``, ``'triton'``; DIFF V2 has no
             ``'triton'``); see ``set_attention_backend``.
+        linear_options: the options of ``'linear'`` / ``'dydila'`` as a dict (``LINEAR_OPTIONS`` /
+            ``DYDILA_OPTIONS`` of ``diffvision.attention``); None: their defaults. Their conv runs over the patch
+            grid after the prefix (class / register) tokens, which the model tells each layer.
     """
 
     def __init__(
@@ -174,6 +183,7 @@ class DiffVisionTransformer(VisionTransformer):
             lambda_mode: str = VISION_OPTIONS['lambda_mode'],
             head_norm: bool = VISION_OPTIONS['head_norm'],
             attn_backend: str = 'auto',
+            linear_options: Optional[Dict[str, Any]] = None,
             **kwargs: Any,
     ) -> None:
         for arg in ('block_fn', 'attn_layer'):
@@ -186,14 +196,25 @@ class DiffVisionTransformer(VisionTransformer):
         layer_heads(attn_kind, num_heads, noise_heads=noise_heads, num_kv_heads=num_kv_heads)
         block_fn = partial(
             DiffBlock, attn_kind=attn_kind, noise_heads=noise_heads, num_kv_heads=num_kv_heads,
-            lambda_init=lambda_init, lambda_mode=lambda_mode, head_norm=head_norm, attn_backend=attn_backend)
+            lambda_init=lambda_init, lambda_mode=lambda_mode, head_norm=head_norm, attn_backend=attn_backend,
+            linear_options=linear_options)
         # timm's init_weights() runs inside; it calls each attention's init_weights(), which
         # re-draws λ after the Linear inits and resets the RMSNorm scale to 1
         super().__init__(num_heads=num_heads, block_fn=block_fn, attn_layer=None, **kwargs)
         self.attn_kind = attn_kind
+        self._tell_linear_layers_the_grid()
         # the λ / head-norm choices as given (kinds without them: none), so checkpoints can record them
         self.attn_options = (dict(lambda_init=lambda_init, lambda_mode=lambda_mode, head_norm=head_norm)
                              if set(LAMBDA_OPTIONS) <= set(get_attn_kind(attn_kind).options) else {})
+
+    def _tell_linear_layers_the_grid(self) -> None:
+        """Linear attention convolves V over the patch grid: each such layer learns how many prefix tokens come
+        first and, for a fixed image size, the grid (with ``dynamic_img_size`` it takes the square grid)."""
+        dynamic = getattr(self.patch_embed, 'dynamic_img_size', False)
+        for block in self.blocks:
+            if hasattr(block.attn, 'num_prefix_tokens'):
+                block.attn.num_prefix_tokens = self.num_prefix_tokens
+                block.attn.grid_size = None if dynamic else tuple(self.patch_embed.grid_size)
 
     @property
     def attn_layout(self) -> Dict[str, Any]:
@@ -465,6 +486,10 @@ def _cfg_32(description: str, **kwargs) -> Dict[str, Any]:
 
 
 _DIFF_PAPER = dict(paper_name='Differential Transformer', paper_ids='arXiv:2410.05258')
+_LIT_PAPER = dict(paper_name='LiT: Delving into a Simplified Linear Diffusion Transformer for Image Generation',
+                  paper_ids='arXiv:2501.12976')
+_DYDILA_PAPER = dict(paper_name='Dynamic Differential Linear Attention (reconstruction; no official code)',
+                     paper_ids='arXiv:2601.13683')
 _DIFF_V2_CODE = dict(paper_name='Differential Transformer V2',
                      origin_url='https://github.com/microsoft/unilm/tree/master/Diff-Transformer/Diff-Transformer-V2')
 
@@ -478,6 +503,11 @@ def _describe(attn_kind: str, dim: int, heads: Dict[str, int]) -> str:
         hn = heads['noise_heads']
         return (f"grouped differential attention {h}:{hn} (q/k: {h + hn} sub-heads of {dim // (h + hn)}, "
                 f"v: {h} heads of {dim // h}); untrained")
+    if attn_kind == 'linear':
+        return f"LiT linear attention, {h} heads of {dim // h}, 5x5 depthwise conv on V; untrained"
+    if attn_kind == 'dydila':
+        return (f"DyDiLA linear attention (a reconstruction of arXiv 2601.13683), {h} heads of {dim // h}; "
+                f"untrained")
     return (f"DIFF V2 attention, {h} output heads of {dim // h} ({2 * h} query heads, "
             f"{heads['num_kv_heads']} key/value heads); untrained")
 
@@ -485,7 +515,7 @@ def _describe(attn_kind: str, dim: int, heads: Dict[str, int]) -> str:
 # (width, standard heads) of each size; every differential model's heads come from the registry's twin rule
 _SIZES = {'tiny': (192, 3), 'small': (384, 6), 'base': (768, 12)}
 _VARIANTS = [(f'{kind}_vit_{size}_{patch}', kind, size, patch)
-             for kind in ('diff', 'gda', 'diffv2')
+             for kind in ('diff', 'gda', 'diffv2', 'linear', 'dydila')
              for size, patch in (('tiny', 'patch16_224'), ('small', 'patch16_224'), ('base', 'patch16_224'),
                                  ('tiny', 'patch4_32'), ('small', 'patch4_32'))]
 
@@ -498,7 +528,8 @@ def _model_args(attn_kind: str, size: str, patch: str) -> Dict[str, Any]:
 
 def _variant_cfg(attn_kind: str, size: str, patch: str) -> Dict[str, Any]:
     dim, heads = _SIZES[size]
-    paper = {'diff': _DIFF_PAPER, 'gda': {}, 'diffv2': _DIFF_V2_CODE}[attn_kind]
+    paper = {'diff': _DIFF_PAPER, 'gda': {}, 'diffv2': _DIFF_V2_CODE, 'linear': _LIT_PAPER,
+             'dydila': _DYDILA_PAPER}[attn_kind]
     cfg = _cfg if patch == 'patch16_224' else _cfg_32
     return cfg(_describe(attn_kind, dim, twin_heads(attn_kind, dim, heads)), **paper)
 
@@ -545,7 +576,7 @@ def _create_diff_vit(variant: str, pretrained: bool = False, **kwargs) -> DiffVi
     return _build(DiffVisionTransformer, checkpoint_filter_fn, variant, pretrained, **kwargs)
 
 
-_KIND_PREFIX = re.compile(r'(?:(diff|gda|diffv2)_)?(vit_.+)')
+_KIND_PREFIX = re.compile(r'(?:(diff|gda|diffv2|linear|dydila)_)?(vit_.+)')
 _HEAD_ARGS = ('num_heads', 'noise_heads', 'num_kv_heads')
 
 
@@ -564,7 +595,7 @@ def twin_model(model_name: str, attn_kind: str, model_kwargs: Optional[Dict[str,
     match = _KIND_PREFIX.fullmatch(model_name)
     if match is None:
         raise ValueError(f"model_name {model_name!r} is not a ViT of diffvision or timm (vit_*, diff_vit_*, "
-                         f"gda_vit_*, diffv2_vit_*): no {kind!r} twin")
+                         f"gda_vit_*, diffv2_vit_*, linear_vit_*, dydila_vit_*): no {kind!r} twin")
     current, base = match.group(1) or 'standard', match.group(2)
     if current == kind:
         return model_name, kwargs
@@ -685,6 +716,66 @@ def diffv2_vit_tiny_patch4_32(pretrained: bool = False, **kwargs) -> DiffVisionT
 def diffv2_vit_small_patch4_32(pretrained: bool = False, **kwargs) -> DiffVisionTransformer:
     """ DIFF V2-ViT-S/4 for 32x32 inputs: 6 output heads of 64 (12 query heads, 3 key/value heads). """
     return _create_variant('diffv2_vit_small_patch4_32', pretrained, kwargs)
+
+
+@register_model
+def linear_vit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> DiffVisionTransformer:
+    """ ViT-Ti/16 with LiT linear attention, 2 heads. """
+    return _create_variant('linear_vit_tiny_patch16_224', pretrained, kwargs)
+
+
+@register_model
+def linear_vit_small_patch16_224(pretrained: bool = False, **kwargs) -> DiffVisionTransformer:
+    """ ViT-S/16 with LiT linear attention, 2 heads. """
+    return _create_variant('linear_vit_small_patch16_224', pretrained, kwargs)
+
+
+@register_model
+def linear_vit_base_patch16_224(pretrained: bool = False, **kwargs) -> DiffVisionTransformer:
+    """ ViT-B/16 with LiT linear attention, 2 heads. """
+    return _create_variant('linear_vit_base_patch16_224', pretrained, kwargs)
+
+
+@register_model
+def linear_vit_tiny_patch4_32(pretrained: bool = False, **kwargs) -> DiffVisionTransformer:
+    """ ViT-Ti/4 for 32x32 inputs with LiT linear attention, 2 heads. """
+    return _create_variant('linear_vit_tiny_patch4_32', pretrained, kwargs)
+
+
+@register_model
+def linear_vit_small_patch4_32(pretrained: bool = False, **kwargs) -> DiffVisionTransformer:
+    """ ViT-S/4 for 32x32 inputs with LiT linear attention, 2 heads. """
+    return _create_variant('linear_vit_small_patch4_32', pretrained, kwargs)
+
+
+@register_model
+def dydila_vit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> DiffVisionTransformer:
+    """ ViT-Ti/16 with DyDiLA linear attention (a reconstruction), 2 heads. """
+    return _create_variant('dydila_vit_tiny_patch16_224', pretrained, kwargs)
+
+
+@register_model
+def dydila_vit_small_patch16_224(pretrained: bool = False, **kwargs) -> DiffVisionTransformer:
+    """ ViT-S/16 with DyDiLA linear attention (a reconstruction), 2 heads. """
+    return _create_variant('dydila_vit_small_patch16_224', pretrained, kwargs)
+
+
+@register_model
+def dydila_vit_base_patch16_224(pretrained: bool = False, **kwargs) -> DiffVisionTransformer:
+    """ ViT-B/16 with DyDiLA linear attention (a reconstruction), 2 heads. """
+    return _create_variant('dydila_vit_base_patch16_224', pretrained, kwargs)
+
+
+@register_model
+def dydila_vit_tiny_patch4_32(pretrained: bool = False, **kwargs) -> DiffVisionTransformer:
+    """ ViT-Ti/4 for 32x32 inputs with DyDiLA linear attention (a reconstruction), 2 heads. """
+    return _create_variant('dydila_vit_tiny_patch4_32', pretrained, kwargs)
+
+
+@register_model
+def dydila_vit_small_patch4_32(pretrained: bool = False, **kwargs) -> DiffVisionTransformer:
+    """ ViT-S/4 for 32x32 inputs with DyDiLA linear attention (a reconstruction), 2 heads. """
+    return _create_variant('dydila_vit_small_patch4_32', pretrained, kwargs)
 
 
 @register_model
