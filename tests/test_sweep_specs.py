@@ -11,7 +11,7 @@ from diffvision.experiments import specs
 
 SPECS = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
 # specs whose arms differ in parameters by design (ESPFormer's replica: tests/test_espformer_sweep.py checks them)
-UNEQUAL_BY_DESIGN = {"espformer_catdog"}
+UNEQUAL_BY_DESIGN = {"espformer_catdog", "cifar10_dit_linear_controls"}  # controls that differ on purpose
 
 
 @pytest.fixture(scope="module")
