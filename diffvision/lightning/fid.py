@@ -50,8 +50,9 @@ class FIDDuringValidation(Callback):
       took and the time left, the value and the time it took.
     * When: every ``every_n_epochs``-th validation epoch of ``fit`` (:func:`due_at_eval_epoch_end`), every
       ``validate`` and ``test``; never in the sanity check.
-    * Under DDP each rank takes ``ceil(num_samples / world_size)`` of both; torchmetrics gathers the
-      statistics, so every rank logs the same value.
+    * Under DDP each rank takes its share of both (``num_samples`` split as evenly as it goes, shares differing
+      by one at most and adding up to ``num_samples``); torchmetrics gathers the statistics, so every rank logs
+      the same value, of ``num_samples`` images of each kind.
     * A failure is logged and disables FID for the rest of the run (:attr:`error` says why); training
       goes on with its state intact. Nothing of the callback (the Inception network) goes into checkpoints.
 
@@ -84,8 +85,10 @@ class FIDDuringValidation(Callback):
     def _due(self, trainer: pl.Trainer, stage: str) -> bool:
         return self.error is None and due_at_eval_epoch_end(trainer, stage, self.every_n_epochs)
 
-    def _per_rank(self, trainer: pl.Trainer) -> int:
-        return math.ceil(self.num_samples / trainer.world_size)
+    def _share(self, trainer: pl.Trainer) -> tuple[int, int]:
+        """This rank's samples ``start .. stop - 1`` of the ``num_samples`` (all of them on one process)."""
+        n, world, rank = self.num_samples, trainer.world_size, trainer.global_rank
+        return rank * n // world, (rank + 1) * n // world
 
     # ---- Lightning hooks -------------------------------------------------------------------------------
 
@@ -122,7 +125,8 @@ class FIDDuringValidation(Callback):
     def _batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, stage: str) -> None:
         if not self._due(trainer, stage) or self._real_stage == stage:
             return
-        need = self._per_rank(trainer) - self._real_seen
+        start, stop = self._share(trainer)
+        need = stop - start - self._real_seen
         if need <= 0:
             return
         try:
@@ -151,13 +155,12 @@ class FIDDuringValidation(Callback):
     def _compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         from ..diffusion.sampling import balanced_class_labels  # diffusers: loaded when FID first runs
 
-        per_rank = self._per_rank(trainer)
-        first = trainer.global_rank * per_rank
-        labels = balanced_class_labels(self._num_classes(pl_module), first, first + per_rank)
+        start, stop = self._share(trainer)
+        labels = balanced_class_labels(self._num_classes(pl_module), start, stop)
         fid = self._fid(pl_module.device)
         # on a CPU an FID takes minutes: say so, and how long, rather than stall without a word
         tell = rank_zero_info if pl_module.device.type == "cpu" else (lambda message: None)
-        batches = math.ceil(per_rank / self.batch_size)
+        batches = math.ceil((stop - start) / self.batch_size)
         last = f"; the last one took {self.last_duration_s:.0f} s" if self.last_duration_s else ""
         tell(f"{stage}/fid: sampling {self.num_samples} images in {batches} batch(es) and comparing their Inception "
              f"features on the CPU{last} (model.init_args.fid_num_samples 0 turns FID off)")
