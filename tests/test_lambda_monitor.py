@@ -111,3 +111,18 @@ def test_an_ema_copy_does_not_add_layers(attn_kind):
     assert len(layers) == 3
     trained = [m for m in module.transformer.modules() if m in layers]
     assert trained == layers                        # the transformer's own layers, in block order
+
+
+@pytest.mark.parametrize("model_name", ["linear_vit_tiny_patch4_32", "dydila_vit_tiny_patch4_32"])
+def test_linear_attention_layers_are_not_differential_layers(model_name):
+    """LambdaMonitor's layer numbers count DIFF / GDA / DIFF V2 modules only: the linear kinds have no λ of
+    that kind (dydila's λ is routed per token from a bank), so they are not counted."""
+    import timm
+
+    import diffvision.models  # noqa: F401  (registers the timm names)
+    from diffvision.attention import attention_layers
+    from diffvision.lightning.lambda_monitor import differential_layers
+
+    model = timm.create_model(model_name, depth=2)
+    assert len(list(attention_layers(model))) == 2
+    assert differential_layers(model) == []

@@ -164,7 +164,7 @@ class FIDDuringValidation(Callback):
         last = f"; the last one took {self.last_duration_s:.0f} s" if self.last_duration_s else ""
         tell(f"{stage}/fid: sampling {self.num_samples} images in {batches} batch(es) and comparing their Inception "
              f"features on the CPU{last} (model.init_args.fid_num_samples 0 turns FID off)")
-        start = time.monotonic()
+        t0 = time.monotonic()
         for batch in range(batches):
             # the same noise at every epoch: each batch's seed depends on the run seed, the batch and the rank
             seed = step_seed(run_seed(), batch, 2000 + trainer.global_rank)
@@ -172,12 +172,12 @@ class FIDDuringValidation(Callback):
             images = pl_module.generate(batch_labels, self.guidance_scale, seed=seed, batch_size=self.batch_size)
             fid.update(fid_input(images), real=False)
             if batch == 0 and batches > 1:
-                took = time.monotonic() - start
+                took = time.monotonic() - t0
                 tell(f"{stage}/fid: batch 1 of {batches} took {took:.0f} s; about {took * (batches - 1):.0f} s to go, "
                      f"then the Fréchet distance of the 2048-d features (seconds)")
         value = fid.compute()
         fid.reset()  # fakes only: reset_real_features=False keeps the held-out statistics
-        self.last_duration_s = time.monotonic() - start
+        self.last_duration_s = time.monotonic() - t0
         tell(f"{stage}/fid = {value.item():.2f} ({self.last_duration_s:.0f} s)")
         pl_module.log(f"{stage}/fid", value.float(), prog_bar=True, sync_dist=False)
 

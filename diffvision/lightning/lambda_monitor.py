@@ -25,7 +25,8 @@ def differential_layers(module: nn.Module) -> list[nn.Module]:
     """The DIFF / GDA / DIFF V2 attention modules of the network ``module`` trains, in definition order
     (layer 0 is the first block's); the layers of a weight-averaged (EMA) copy are not counted again."""
     in_copies = {id(m) for copy in _averaged_copies(module) for m in copy.modules()}
-    return [m for m in attention_layers(module) if m.attn_kind != "standard" and id(m) not in in_copies]
+    return [m for m in attention_layers(module)
+            if isinstance(m, (GroupedDifferentialAttention, DifferentialAttentionV2)) and id(m) not in in_copies]
 
 
 def _monitored(pl_module: pl.LightningModule) -> nn.Module:
