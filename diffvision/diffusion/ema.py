@@ -35,11 +35,23 @@ class ModelEMA(AveragedModel):
         self.decay, self.warmup = float(decay), bool(warmup)
         self.requires_grad_(False)
         self._count: Optional[int] = None  # host copy of n_averaged; None: read it at the next update
+        self._last_step = -1  # the optimizer step of the last update_after_step
         self.register_load_state_dict_post_hook(_reread_count)  # a restored checkpoint brings its own count
 
     def decay_at(self, n: int) -> float:
         """The decay of the update after ``n`` earlier ones."""
         return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
+
+    def start_at_step(self, step: int) -> None:
+        """Training (re)starts at optimizer step ``step``: the next update is the one after it."""
+        self._last_step = step
+
+    def update_after_step(self, model: nn.Module, step: int) -> None:
+        """Update once per optimizer step, at the first call after ``step`` moved on (a Lightning module calls
+        it at every batch end: with gradient accumulation several batches share one step)."""
+        if step > self._last_step:
+            self.update_parameters(model)
+            self._last_step = step
 
     @torch.no_grad()
     def update_parameters(self, model: nn.Module) -> None:

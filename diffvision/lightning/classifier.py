@@ -305,7 +305,6 @@ class ImageClassifier(WeightsOnlyLoading, pl.LightningModule):
     def _build_ema(self) -> torch.nn.Module:
         from ..diffusion.ema import ModelEMA  # imported when used: diffvision.diffusion loads diffusers
 
-        self._ema_step = -1
         return ModelEMA(self.model, self.hparams.ema_decay, self.hparams.ema_warmup)
 
     @property
@@ -438,12 +437,12 @@ class ImageClassifier(WeightsOnlyLoading, pl.LightningModule):
         return loss
 
     def on_train_start(self) -> None:
-        self._ema_step = self.global_step
+        if self.ema is not None:
+            self.ema.start_at_step(self.global_step)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if self.ema is not None and self.global_step > self._ema_step:  # once per optimizer step
-            self.ema.update_parameters(self.model)
-            self._ema_step = self.global_step
+        if self.ema is not None:
+            self.ema.update_after_step(self.model, self.global_step)
 
     def on_train_epoch_end(self) -> None:
         # logged once per epoch, not from every training_step: each self.log of a Metric costs host time

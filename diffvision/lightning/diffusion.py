@@ -173,7 +173,6 @@ class DiffusionModule(WeightsOnlyLoading, pl.LightningModule):
             self.transformer.compile(**(compile_kwargs or {}))
         self.optimizer_factory = optimizer
         self.class_names = list(class_names) if class_names is not None else None
-        self._ema_step = -1
         # one per module: its Inception network, held-out statistics and failure last from fit to test
         self.fid_callback = None if not fid_num_samples else FIDDuringValidation(
             fid_num_samples, every_n_epochs=fid_every_n_epochs, guidance_scale=fid_guidance_scale,
@@ -212,12 +211,10 @@ class DiffusionModule(WeightsOnlyLoading, pl.LightningModule):
         return terms["loss"]
 
     def on_train_start(self) -> None:
-        self._ema_step = self.global_step
+        self.ema.start_at_step(self.global_step)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if self.global_step > self._ema_step:  # once per optimizer step (gradient accumulation aware)
-            self.ema.update_parameters(self.transformer)
-            self._ema_step = self.global_step
+        self.ema.update_after_step(self.transformer, self.global_step)
 
     def ema_decay_at(self, n: int) -> float:
         """The decay of the update after ``n`` earlier ones (``ema_warmup``: diffusers' ``EMAModel`` rule)."""
