@@ -29,8 +29,8 @@ OFFSET = {"standard": 0.0, "standard_6x32": -0.5, "diff_schedule": -2.0, "diff_i
           "diff_init08_fixed": 0.0, "diff_init08_no_norm": 0.8, "gda_init08": 0.5, "diffv2": -1.0}
 
 
-def write_tree(root, offset=OFFSET, depth=6):
-    rng = np.random.default_rng(0)
+def write_tree(root, offset=OFFSET, depth=6, recipe=None, rng_seed=0):
+    rng = np.random.default_rng(rng_seed)
     acc = {}
     for f in FRACTIONS:
         for seed in SEEDS:
@@ -44,7 +44,8 @@ def write_tree(root, offset=OFFSET, depth=6):
                     "task": "classification", "kind": arm, "model_name": model,
                     "model_kwargs": {"depth": depth, "drop_path_rate": 0.1, **kwargs}, "params": 2693578,
                     "fraction": f, "seed": seed, "epochs": 3, "final": {"val/acc1": a / 100}, "wall_s": 60.0,
-                    "device": "H200", "command": "diffvision fit", "lambda_per_layer": lam}))
+                    "device": "H200", "command": "diffvision fit", "lambda_per_layer": lam,
+                    **({"recipe": recipe} if recipe else {})}))
                 with open(d / "version_0" / "metrics.csv", "w", newline="") as fh:
                     w = csv.writer(fh)
                     w.writerow(["epoch", "step", "val/acc1"] + [f"lambda/layer_{i}" for i in range(depth)])
@@ -113,7 +114,8 @@ def test_write_study_files(tmp_path):
     assert vs.main([str(tmp_path / "runs"), "--out", str(out)]) == 0
     rows = list(csv.DictReader(open(out / "variant_study.csv")))
     assert len(rows) == len(acc)
-    assert list(rows[0])[:12] == vs.STUDY_COLUMNS and list(rows[0])[12:] == [f"lambda_layer_{i}" for i in range(6)]
+    assert list(rows[0])[:13] == vs.STUDY_COLUMNS and list(rows[0])[13:] == [f"lambda_layer_{i}" for i in range(6)]
+    assert {r["recipe"] for r in rows} == {"light"}  # runs that predate the recipe field trained with light
     row = next(r for r in rows if r["kind"] == "diff_init08_fixed" and r["seed"] == "2" and float(r["fraction"]) == 0.1)
     assert float(row["top1"]) == pytest.approx(acc[("diff_init08_fixed", 0.1, 2)], abs=0.005)
     assert float(row["gain_vs_standard"]) == pytest.approx(
@@ -125,4 +127,27 @@ def test_write_study_files(tmp_path):
     md = (out / "variant_study.md").read_text()
     assert "Pick: **diff_init08_no_norm**" in md and "Paired gain over `standard_6x32`" in md
     for name in ("variant_study_gain.png", "variant_study_lambda.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_recipes_pair_within_themselves_and_compare_arm_by_arm(tmp_path):
+    """Issue 24: the study under a second recipe. Gains pair only within a recipe; the recipe table is the
+    per-seed change of each arm from light to deit."""
+    light = write_tree(tmp_path / "light")
+    deit = write_tree(tmp_path / "deit", offset={**OFFSET, "diffv2": 2.0}, recipe="deit", rng_seed=1)
+    out = tmp_path / "out"
+    assert vs.main([str(tmp_path / "light"), str(tmp_path / "deit"), "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out / "variant_study.csv")))
+    assert [r["recipe"] for r in rows] == ["light"] * len(light) + ["deit"] * len(deit)
+    row = next(r for r in rows if r["recipe"] == "deit" and r["kind"] == "diffv2" and r["seed"] == "1"
+               and float(r["fraction"]) == 0.01)
+    assert float(row["gain_vs_standard"]) == pytest.approx(deit[("diffv2", 0.01, 1)] - deit[("standard", 0.01, 1)],
+                                                           abs=0.01)
+    md = (out / "variant_study.md").read_text()
+    assert "## Recipe `light`" in md and "## Recipe `deit`" in md
+    change = md.split("### `deit` − `light`")[1]
+    line = next(x for x in change.splitlines() if x.startswith("| diffv2 |"))
+    d = np.array([deit[("diffv2", 0.1, s)] - light[("diffv2", 0.1, s)] for s in SEEDS])
+    assert f"{d.mean():+.2f} ± {d.std(ddof=1):.2f} (3)" in line.split("|")[3]
+    for name in ("variant_study_gain.png", "variant_study_gain_deit.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

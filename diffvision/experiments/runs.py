@@ -49,6 +49,12 @@ class Run:
         return headline(self.result)
 
     @property
+    def recipe(self) -> str:
+        """The training recipe (``result.json``'s ``recipe``); runs written before the sweep recorded it
+        trained with the configs' own recipe, ``light``."""
+        return self.result.get("recipe") or "light"
+
+    @property
     def wall_s(self) -> float:
         value = finite_number(self.result.get("wall_s"))
         return 0.0 if value is None else value
@@ -110,10 +116,11 @@ def discover(roots: Sequence[Path]) -> tuple[list[Run], list[Problem]]:
                 problems.append(Problem(name, run_dir, "broken", why))
                 continue
             run = Run(name, run_dir, result)
-            key = (run.task, run.kind, run.fraction, run.seed, result.get("model_name") or result.get("preset"))
+            key = (run.task, run.kind, run.recipe, run.fraction, run.seed,
+                   result.get("model_name") or result.get("preset"))
             if key in identity:
                 problems.append(Problem(name, run_dir, "duplicate",
-                                        f"same task/kind/fraction/seed/model as {identity[key].path}; not counted"))
+                                        f"same task/kind/recipe/fraction/seed/model as {identity[key].path}; not counted"))
                 continue
             identity[key] = run
             runs.append(run)

@@ -2,15 +2,18 @@
 
 Reads the finished runs of ``configs/sweeps/cifar10_variants.yaml`` (``result.json`` + CSV logs) and writes:
 
-* ``variant_study.csv``: one row per run (arm, fraction, seed, top-1, parameters, the attention's λinit,
-  λ mode and head norm, epochs, wall time, device, the paired gain over the baseline and λ per layer at the
-  last epoch);
+* ``variant_study.csv``: one row per run (arm, training recipe, fraction, seed, top-1, parameters, the
+  attention's λinit, λ mode and head norm, epochs, wall time, device, the paired gain over the baseline
+  and λ per layer at the last epoch);
 * ``variant_study.md``: accuracy per arm and fraction, paired gains over ``standard`` (the rule's baseline)
   and ``standard_6x32`` (the head-count control) as mean ± std over seeds with the number of positive
   seeds, each candidate's score and the rule's pick (``RULE``, stated in ``docs/variant_study.md`` before
-  the runs), λ per layer at the end of training;
+  the runs), λ per layer at the end of training; with runs of several training recipes (issue 24: the
+  ``light`` configs and ``configs/recipes/deit.yaml``) one such section per recipe, then each arm's
+  paired change from ``light`` to the other recipe. Runs pair only within a recipe;
 * ``variant_study_gain.png`` (paired gain per arm and fraction, every seed shown) and
-  ``variant_study_lambda.png`` (λ per layer over training, one seed).
+  ``variant_study_lambda.png`` (λ per layer over training, one seed); ``variant_study_gain_<recipe>.png``
+  for every recipe other than ``light``.
 """
 from __future__ import annotations
 
@@ -29,8 +32,9 @@ from .results import finite_number, lambda_layers, version_dirs
 from .runs import Run, discover, percent
 from .tables import format_mean_std, markdown_table, mean_std
 
-__all__ = ["RULE", "Gain", "Rule", "apply_rule", "attention_settings", "main", "paired_gains", "plot_lambda",
-           "plot_paired_gain", "study_markdown", "study_rows", "write_study"]
+__all__ = ["RULE", "Gain", "Rule", "apply_rule", "attention_settings", "by_recipe", "main", "paired_gains",
+           "plot_lambda", "plot_paired_gain", "recipe_change_markdown", "study_markdown", "study_rows",
+           "write_study"]
 
 
 @dataclass(frozen=True)
@@ -121,19 +125,28 @@ def attention_settings(model_name: str, model_kwargs: dict) -> dict:
     return dict(_settings(model_name, tuple(sorted(kwargs.items()))))
 
 
-STUDY_COLUMNS = ["kind", "fraction", "seed", "top1", "params", "lambda_init", "lambda_mode", "head_norm", "epochs",
+def by_recipe(runs: Sequence[Run]) -> dict[str, list[Run]]:
+    """{recipe: runs}, ``light`` first, then by name."""
+    groups: dict[str, list[Run]] = defaultdict(list)
+    for r in runs:
+        groups[r.recipe].append(r)
+    return {k: groups[k] for k in sorted(groups, key=lambda k: (k != "light", k))}
+
+
+STUDY_COLUMNS = ["kind", "recipe", "fraction", "seed", "top1", "params", "lambda_init", "lambda_mode", "head_norm", "epochs",
                  "wall_s", "device", "gain_vs_standard"]
 
 
 def study_rows(runs: Sequence[Run], rule: Rule = RULE) -> list[dict]:
     """The CSV's rows, in arm, fraction, seed order; ``lambda_layer_<i>``: λ at the last epoch."""
-    base = {(r.fraction, r.seed): r.value for r in runs if r.kind == rule.baseline}
+    base = {(r.recipe, r.fraction, r.seed): r.value for r in runs if r.kind == rule.baseline}
     order = {a: i for i, a in enumerate(ordered_arms(r.kind for r in runs))}
+    recipes = {recipe: i for i, recipe in enumerate(by_recipe(runs))}
     rows = []
-    for r in sorted(runs, key=lambda r: (order[r.kind], r.fraction, r.seed)):
+    for r in sorted(runs, key=lambda r: (recipes[r.recipe], order[r.kind], r.fraction, r.seed)):
         settings = attention_settings(r.result.get("model_name", ""), r.result.get("model_kwargs") or {})
-        paired = base.get((r.fraction, r.seed))
-        row = {"kind": r.kind, "fraction": r.fraction, "seed": r.seed, "top1": round(r.value, 2),
+        paired = base.get((r.recipe, r.fraction, r.seed))  # pairs never cross recipes
+        row = {"kind": r.kind, "recipe": r.recipe, "fraction": r.fraction, "seed": r.seed, "top1": round(r.value, 2),
                "params": r.result.get("params"), "lambda_init": settings["lambda_init"],
                "lambda_mode": settings["lambda_mode"], "head_norm": settings["head_norm"],
                "epochs": r.result.get("epochs"), "wall_s": r.result.get("wall_s"), "device": r.result.get("device"),
@@ -190,6 +203,26 @@ def study_markdown(runs: Sequence[Run], rule: Rule = RULE) -> list[str]:
                   "test images' tokens)", "",
                   *markdown_table(["arm", "fraction"] + [f"layer {i}" for i in range(depth)],
                                   [r + [""] * (depth + 2 - len(r)) for r in lam_rows])]
+    return lines
+
+
+def recipe_change_markdown(groups: dict[str, list[Run]]) -> list[str]:
+    """Per arm and fraction, the paired change of top-1 from the first recipe (``light``) to each other one,
+    over the seeds both ran (the same seed trains on the same subset under either recipe)."""
+    first, *others = groups
+    lines = []
+    for other in others:
+        cells: dict[tuple[str, float], list[float]] = defaultdict(list)
+        mine = {(r.kind, r.fraction, r.seed): r.value for r in groups[first]}
+        for r in groups[other]:
+            if (r.kind, r.fraction, r.seed) in mine:
+                cells[(r.kind, r.fraction)].append(r.value - mine[(r.kind, r.fraction, r.seed)])
+        fractions = sorted({f for _, f in cells})
+        arms = ordered_arms(a for a, _ in cells)
+        rows = [[a] + [format_mean_std(*mean_std(cells[(a, f)]), signed=True) if cells.get((a, f)) else "—"
+                       for f in fractions] for a in arms]
+        lines += [f"### `{other}` − `{first}` (points; paired by arm, fraction and seed; mean ± std (seeds))", "",
+                  *markdown_table(["arm"] + [percent(f) for f in fractions], rows), ""]
     return lines
 
 
@@ -289,14 +322,23 @@ def write_study(roots: Sequence[Path], out: Path, rule: Rule = RULE) -> dict:
         writer.writeheader()
         writer.writerows(rows)
     lines = ["# Variant study: results (generated by `python train/variant_study.py`)", "",
-             f"Runs: {len(runs)}; incomplete or missing: {len(problems)}.", "", *study_markdown(runs, rule)]
+             f"Runs: {len(runs)}; incomplete or missing: {len(problems)}.", ""]
+    groups = by_recipe(runs)
+    if len(groups) == 1:
+        lines += study_markdown(runs, rule)
+    else:
+        for recipe, members in groups.items():
+            lines += [f"## Recipe `{recipe}` ({len(members)} runs)", "", *study_markdown(members, rule), ""]
+        lines += recipe_change_markdown(groups)
     if problems:
         lines += ["", "### Incomplete and missing runs", "",
                   *markdown_table(["run", "status", "detail"], [[p.name, p.status, p.detail] for p in problems])]
     (out / "variant_study.md").write_text("\n".join(lines) + "\n")
+    names = {recipe: "variant_study_gain.png" if i == 0 else f"variant_study_gain_{recipe}.png"
+             for i, recipe in enumerate(groups)}
     files = {"variant_study.csv": out / "variant_study.csv", "variant_study.md": out / "variant_study.md",
-             "variant_study_gain.png": plot_paired_gain(runs, out / "variant_study_gain.png", rule),
-             "variant_study_lambda.png": plot_lambda(runs, out / "variant_study_lambda.png")}
+             **{name: plot_paired_gain(groups[recipe], out / name, rule) for recipe, name in names.items()},
+             "variant_study_lambda.png": plot_lambda(next(iter(groups.values()), []), out / "variant_study_lambda.png")}
     return {"runs": runs, "problems": problems, "files": files}
 
 
