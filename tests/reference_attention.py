@@ -73,3 +73,33 @@ def make_inputs_v2(B, h, Hkv, N, M, d, dv, lam_shape, dtype=torch.float32, seed=
         return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
     lam = torch.rand(tuple(lam_shape), generator=g, dtype=torch.float64).to(dtype)  # already squashed: in [0, 1]
     return rnd(B, 2 * h, N, d), rnd(B, Hkv, M, d), rnd(B, Hkv, M, dv), lam
+
+
+def reference_grad_magnitudes(q1, k1, q2, k2, v, lam, dout, mask=None, causal=False, scale=None):
+    """The q1, k1, q2, k2 gradients with every term taken by its magnitude, in float64.
+
+    dS = P ⊙ (G − D) with D = rowsum(P ⊙ G) cancels exactly when a query sees one key (then P = 1
+    and the reference gradient is zero), so a relative error means nothing there; s·(P ⊙ (|G| + |D|))|K|
+    (and the same for dK) is the size of what rounding acts on, the scale to measure such a
+    gradient's error against.
+    """
+    q1, k1, q2, k2, v, dout = (t.detach().double() for t in (q1, k1, q2, k2, v, dout))
+    lam = lam.detach().double()
+    B, Hs, N, d = q1.shape
+    Hn, M = q2.shape[1], k1.shape[2]
+    s = 1.0 / math.sqrt(d) if scale is None else scale
+    bias = reference_bias(B, Hs, N, M, mask, causal)
+    mags = [torch.zeros_like(t) for t in (q1, k1, q2, k2)]
+    for i in range(Hs):
+        g = i // (Hs // Hn)
+        lam_i = lam if lam.dim() == 0 else lam[i]
+        dp = dout[:, i] @ v[:, i].transpose(-1, -2)
+        for q, k, iq, ik, h, c in ((q1, k1, 0, 1, i, 1.0), (q2, k2, 2, 3, g, -lam_i)):
+            sc = q[:, h] @ k[:, h].transpose(-1, -2) * s + bias[:, i]
+            empty = torch.isneginf(sc).all(-1, keepdim=True)
+            p = torch.softmax(sc.masked_fill(empty, 0.0), -1).masked_fill(empty, 0.0)
+            G = c * dp
+            m = p * (G.abs() + (p * G).sum(-1, keepdim=True).abs())
+            mags[iq][:, h] += s * m @ k[:, h].abs()
+            mags[ik][:, h] += s * m.transpose(-1, -2) @ q[:, h].abs()
+    return mags

@@ -209,3 +209,75 @@ def test_kernels_in_triton_interpreter_match_float64():
                           capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "OK worst" in proc.stdout
+
+
+# Shapes far below the tile sizes (issue 18: one query and one key gave inf / far-off gradients).
+# One tile per call, so the whole script takes seconds (most of it importing torch and triton).
+_TINY_SCRIPT = textwrap.dedent(r"""
+    import math, os, sys
+    import torch
+    sys.path.insert(0, "tests")
+    from reference_attention import reference, reference_grad_magnitudes
+    from diffvision.attention import triton_kernel as tk
+
+    def inputs(B, Hs, Hn, N, M, d, dv, seed, dtype, logit):
+        g = torch.Generator().manual_seed(seed)
+        q1, q2 = torch.randn(B, Hs, N, d, generator=g), torch.randn(B, Hn, N, d, generator=g)
+        k1, k2 = torch.randn(B, Hs, M, d, generator=g), torch.randn(B, Hn, M, d, generator=g)
+        if logit is not None:  # N = M = 1, no mask: q = -c k, the one score is `logit`
+            q1 = k1 * (logit * math.sqrt(d) / k1.square().sum(-1, keepdim=True))
+            q2 = k2 * (logit * math.sqrt(d) / k2.square().sum(-1, keepdim=True))
+        v = torch.randn(B, Hs, M, dv, generator=g)
+        lam = torch.rand(Hs, generator=g) * 0.8 + 0.1
+        return [t.to(dtype).requires_grad_(True) for t in (q1, k1, q2, k2, v, lam)], g
+
+    # B, Hs, Hn, N, M, causal, mask offset (an additive mask: softmax is shift invariant, so a
+    # large negative offset changes nothing but the log-sum-exp), logit, dtype
+    f32, f16 = torch.float32, torch.float16
+    cases = [(1, 2, 2, 1, 1, False, None, None, f32), (1, 2, 1, 1, 17, False, None, None, f32),
+             (2, 2, 2, 17, 1, False, None, None, f32), (1, 2, 2, 2, 2, True, None, None, f32),
+             (1, 2, 2, 3, 5, False, 0.0, None, f32), (1, 2, 2, 5, 3, True, None, None, f32),
+             # log-sum-exp far below 0: 2^-lse overflows float32 (and float16 in the second group)
+             (1, 2, 2, 1, 1, False, None, -100.0, f32), (1, 2, 2, 1, 3, False, -100.0, None, f32),
+             (1, 2, 2, 5, 3, True, -100.0, None, f32),
+             (1, 2, 2, 1, 1, False, None, -20.0, f16), (1, 2, 1, 2, 3, False, -20.0, None, f16)]
+    worst = 0.0
+    for mode in ("fused", "split"):
+        os.environ["DIFFVISION_TRITON_BWD"] = mode
+        tk._BWD_MODE.clear()
+        for n, (B, Hs, Hn, N, M, causal, offset, logit, dtype) in enumerate(cases):
+            ins, g = inputs(B, Hs, Hn, N, M, 16, 32, n, dtype, logit)
+            mask = None if offset is None else torch.randn(B, 1, N, M, generator=g) + offset
+            out = tk.triton_differential_attention(*ins[:5], ins[5], causal, None, attn_mask=mask)
+            dout = torch.randn(out.shape, generator=g).to(dtype)
+            grads = torch.autograd.grad(out, ins, dout)
+            ref_in = [t.detach().double().requires_grad_(True) for t in ins]
+            ref = reference(*ref_in, mask=mask, causal=causal)
+            ref_grads = torch.autograd.grad(ref, ref_in, dout.double())
+            mags = reference_grad_magnitudes(*ref_in, dout, mask=mask, causal=causal)
+            # a q/k gradient that is zero in exact arithmetic (each query sees one key) is measured
+            # against the size of the terms that cancel in it
+            scales = [ref.norm()] + [m.norm() if r.norm() <= 1e-6 * m.norm() else r.norm()
+                                     for r, m in zip(ref_grads[:4], mags)] + [r.norm() for r in ref_grads[4:]]
+            tol = 1e-4 if dtype == torch.float32 else 1e-2
+            for name, a, b, scale in zip(["out", "q1", "k1", "q2", "k2", "v", "lam"], (out,) + grads,
+                                         (ref,) + ref_grads, scales):
+                where = f"{mode} N={N} M={M} causal={causal} offset={offset} logit={logit} {dtype} {name}"
+                assert torch.isfinite(a).all(), f"{where}: not finite"
+                err = ((a.double() - b).norm() / scale).item()
+                assert err < tol, f"{where}: error {err:.1e}"
+                worst = max(worst, err)
+    print(f"OK worst {worst:.1e}")
+""")
+
+
+def test_kernels_in_triton_interpreter_tiny_shapes_match_float64():
+    """N = M = 1, 1 x 17, 17 x 1, 2 x 2, 3 x 5 (causal, masked), and log-sum-exps far below zero,
+    where the backward once gave padded key columns 2^-lse instead of 0 (inf / NaN gradients)."""
+    env = dict(os.environ, TRITON_INTERPRET="1", DIFFVISION_TRITON_AUTOTUNE="0")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", _TINY_SCRIPT], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "OK worst" in proc.stdout

@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python train/check_kernels.py            # every case, bf16 and fp16
     PYTHONPATH=. python train/check_kernels.py --quick    # a handful of cases
+    PYTHONPATH=. python train/check_kernels.py --tiny     # shapes far below the tiles only (N = M = 1, ...)
 
 For each case: fresh random inputs; the CUDA caching allocator is poisoned with NaN before the
 kernel runs, so any output element the kernel fails to write shows up as NaN; the output and
@@ -12,7 +13,13 @@ column is |dλ − ref| / Σ|terms| (dλ = −Σ rowsum(dO ⊙ O2) sums terms of
 relative error says more about cancellation than about the kernel). Exits
 non-zero if any case fails. Cases include the benchmark shapes (batch reduced so the float64
 reference fits), odd N, M != N, causal, GDA 2:1 and 4:1, per-head λ, head dims 32/64/72/128 with
-value dims 2d, 96 and 144, boolean and additive masks (one row fully masked), and no-grad calls.
+value dims 2d, 96 and 144, boolean and additive masks (one row fully masked), no-grad calls, and
+tiny shapes (N = M = 1, 1x17, 17x1, 2x2, 3x5, ...; issue 18) in fp16 and bf16 under both backward
+schedules, some with an additive mask 40 below zero: the softmax is unchanged but the log-sum-exp
+is far below 0, where key columns past M once got probability 2^-lse (inf in fp16) instead of 0.
+With one visible key per query the q/k gradients are zero in exact arithmetic; where the reference
+gradient is that small, the error is measured against the size of the terms that cancel in it
+(s·(P ⊙ (|dO·vᵀ| + |D|))·|K|, and the same for dK) instead.
 
 Then the modules (bf16 autocast, forward + backward, against the same layer in float32 on ``math``):
 DIFF and GDA with every ``lambda_mode`` and ``head_norm`` setting on Triton, with ``sdpa`` beside it for
@@ -23,7 +30,9 @@ accept it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -49,10 +58,12 @@ class Case:
     dv: int
     causal: bool = False
     per_head_lam: bool = False
-    mask: Optional[str] = None  # "bool" (N, M) with a fully masked row, "add" (B, 1, N, M), "bool_head"
+    mask: Optional[str] = None  # "bool" (N, M) with a fully masked row, "add" (B, 1, N, M), "bool_head",
+    #                             "add_low" ("add" − 40: the same softmax, log-sum-exps far below 0)
     dtype: torch.dtype = torch.bfloat16
     grad: bool = True
     layout: str = "bhnd"  # "bhnd" contiguous, or "module" (strided views, as the modules pass)
+    bwd: Optional[str] = None  # "fused" / "split": force that backward schedule (default: timed)
     tags: list = field(default_factory=list)
 
 
@@ -101,10 +112,37 @@ def feature_cases() -> list[Case]:
     return c + fp16
 
 
+def tiny_cases() -> list[Case]:
+    """Shapes far below the tile sizes (issue 18), fp16 and bf16, each backward schedule."""
+    shapes = [  # name, B, Hs, Hn, N, M, d, dv, extra
+        ("N=M=1", 2, 4, 4, 1, 1, 64, 128, {}),
+        ("N=M=1 GDA λ/head", 2, 4, 2, 1, 1, 64, 96, dict(per_head_lam=True)),
+        ("N=M=1 low lse", 2, 4, 4, 1, 1, 64, 128, dict(mask="add_low")),
+        ("1x17", 2, 3, 3, 1, 17, 64, 128, {}),
+        ("17x1", 2, 3, 3, 17, 1, 64, 128, {}),
+        ("17x1 low lse", 2, 3, 3, 17, 1, 32, 64, dict(mask="add_low")),
+        ("2x2", 2, 3, 3, 2, 2, 32, 64, {}),
+        ("2x2 causal", 2, 3, 3, 2, 2, 32, 64, dict(causal=True)),
+        ("3x5", 2, 3, 3, 3, 5, 72, 144, {}),
+        ("5x3 causal", 2, 3, 3, 5, 3, 64, 128, dict(causal=True)),
+        ("5x3 low lse", 2, 3, 3, 5, 3, 64, 128, dict(mask="add_low")),
+        ("3x5 bool mask", 2, 2, 2, 3, 5, 16, 32, dict(mask="bool")),
+        ("1x5 low lse", 2, 2, 2, 1, 5, 128, 256, dict(mask="add_low")),
+    ]
+    cases = []
+    for dtype, dt in ((torch.float16, "fp16"), (torch.bfloat16, "bf16")):
+        for bwd in ("fused", "split"):
+            for name, B, Hs, Hn, N, M, d, dv, extra in shapes:
+                cases.append(Case(f"tiny {name} {dt} {bwd}", B, Hs, Hn, N, M, d, dv, dtype=dtype,
+                                  bwd=bwd, **extra))
+    return cases
+
+
 def quick_cases() -> list[Case]:
-    all_ = {c.name: c for c in feature_cases()}
+    all_ = {c.name: c for c in feature_cases() + tiny_cases()}
     names = ["odd N=257 d=32", "causal N=200 M=150", "GDA 2:1 dv=96 λ/head", "d=72 dv=144",
-             "bool mask + empty row", "fp16 ViT-B-like"]
+             "bool mask + empty row", "fp16 ViT-B-like", "tiny N=M=1 low lse fp16 fused",
+             "tiny N=M=1 bf16 split"]
     return [all_[n] for n in names] + bench_cases()[:1]
 
 
@@ -136,6 +174,32 @@ def reference(q1, k1, q2, k2, v, lam, bias, scale):
     return torch.stack(outs, 1), torch.stack(noise, 1)
 
 
+def grad_magnitudes(q1, k1, q2, k2, v, lam, bias, scale, dout):
+    """The q1, k1, q2, k2 gradients with every term by its magnitude, in float64 (no autograd).
+
+    dS = P ⊙ (G − D), D = rowsum(P ⊙ G), G = dO·vᵀ (−λ·dO·vᵀ for the noise map) cancels exactly
+    when a query sees one key (P = 1, zero gradient): s·(P ⊙ (|G| + |D|))·|K| (dQ) and
+    s·(P ⊙ (|G| + |D|))ᵀ·|Q| (dK) are the sizes rounding acts on, the scale for such a gradient.
+    """
+    q1, k1, q2, k2, v, lam, dout = (t.detach().double() for t in (q1, k1, q2, k2, v, lam, dout))
+    Hs, Hn = q1.shape[1], q2.shape[1]
+    mags = [torch.zeros_like(t) for t in (q1, k1, q2, k2)]
+    for i in range(Hs):
+        g = i // (Hs // Hn)
+        lam_i = lam if lam.dim() == 0 else lam[i]
+        b_i = 0.0 if bias is None else bias[:, min(i, bias.shape[1] - 1)]
+        dp = dout[:, i] @ v[:, i].transpose(-1, -2)
+        for q, k, iq, ik, h, c in ((q1, k1, 0, 1, i, 1.0), (q2, k2, 2, 3, g, -lam_i)):
+            s = q[:, h] @ k[:, h].transpose(-1, -2) * scale + b_i
+            empty = torch.isneginf(s).all(-1, keepdim=True)
+            p = torch.softmax(s.masked_fill(empty, 0.0), -1).masked_fill(empty, 0.0)
+            G = c * dp
+            m = p * (G.abs() + (p * G).sum(-1, keepdim=True).abs())
+            mags[iq][:, h] += scale * m @ k[:, h].abs()
+            mags[ik][:, h] += scale * m.transpose(-1, -2) @ q[:, h].abs()
+    return mags
+
+
 def make_bias(case: Case, gen, device):
     B, Hs, N, M = case.B, case.Hs, case.N, case.M
     if case.causal:
@@ -153,6 +217,8 @@ def make_bias(case: Case, gen, device):
             bias = bias.unsqueeze(0)
         return keep, bias
     add = torch.randn(B, 1, N, M, generator=gen, device=device) * 2.0
+    if case.mask == "add_low":  # a constant shift: same softmax, log-sum-exp ~58 below 0 (log2)
+        add = add - 40.0
     return add, add.double()
 
 
@@ -214,6 +280,27 @@ def rel_to(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> float:
     return ((a - b.double()).norm() / scale.double().norm().clamp_min(1e-30)).item()
 
 
+@contextlib.contextmanager
+def backward_schedule(bwd: Optional[str]):
+    """Force the Triton backward schedule ("fused" / "split") for the calls inside; None: as timed."""
+    if bwd is None:
+        yield
+        return
+    from diffvision.attention import triton_kernel as tk
+    saved_env, saved_modes = os.environ.get("DIFFVISION_TRITON_BWD"), dict(tk._BWD_MODE)
+    os.environ["DIFFVISION_TRITON_BWD"] = bwd
+    tk._BWD_MODE.clear()  # a schedule already picked for this shape would win over the variable
+    try:
+        yield
+    finally:
+        tk._BWD_MODE.clear()
+        tk._BWD_MODE.update(saved_modes)
+        if saved_env is None:
+            os.environ.pop("DIFFVISION_TRITON_BWD", None)
+        else:
+            os.environ["DIFFVISION_TRITON_BWD"] = saved_env
+
+
 def run_backend(backend, bases, build, lam, mask, case, dout):
     """Output and gradients (w.r.t. q1, k1, q2, k2, v, λ as passed to the kernel)."""
     bases = [t.detach().clone().requires_grad_(case.grad) for t in bases]
@@ -243,18 +330,28 @@ def check_case(case: Case, seed: int, device) -> dict:
     # the sum of the terms' magnitudes (per head), the scale that rounding errors grow with.
     terms = (dout.double() * ref_o2).sum(-1).abs()
     lam_scale = terms.sum(dim=(0, 2)) if lam.dim() == 1 else terms.sum()
+    # A q/k gradient that is zero in exact arithmetic (every query sees one key: P = 1) has no
+    # relative error; it is measured against the size of the terms that cancel in it instead.
+    scales = {}
+    if case.grad:
+        mags = grad_magnitudes(*ref_leaves, bias64, 1.0 / math.sqrt(case.d), dout)
+        for name, rg, mg in zip(GRAD_NAMES, ref_grads, mags):
+            if rg.norm() <= 1e-6 * mg.norm():
+                scales[name] = mg
     del ref_leaves, ref_o2
 
     poison_allocator(device)
-    out, grads = run_backend("triton", bases, build, lam, mask, case, dout)
+    with backward_schedule(case.bwd):
+        out, grads = run_backend("triton", bases, build, lam, mask, case, dout)
     s_out, s_grads = run_backend("sdpa", bases, build, lam, mask, case, dout)
 
     errs = {"out": rel(out, ref)}
     sdpa = {"out": rel(s_out, ref)}
     for name, g, sg, rg in zip(GRAD_NAMES, grads, s_grads, ref_grads):
-        if name == "lam":
-            errs[name] = rel_to(g, rg, lam_scale)
-            sdpa[name] = rel_to(sg, rg, lam_scale)
+        if name == "lam" or name in scales:
+            scale = lam_scale if name == "lam" else scales[name]
+            errs[name] = rel_to(g, rg, scale)
+            sdpa[name] = rel_to(sg, rg, scale)
         else:
             errs[name] = rel(g, rg)
             sdpa[name] = rel(sg, rg)
@@ -347,12 +444,14 @@ def _run_job(job):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a handful of cases")
+    parser.add_argument("--tiny", action="store_true",
+                        help="only the tiny shapes (N = M = 1, 1x17, 17x1, ...), fp16 and bf16, both schedules")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda",
                         help="'cpu' runs the kernels in the Triton interpreter (TRITON_INTERPRET=1, "
                              "float32 only, small shapes): for developing this script")
-    parser.add_argument("--dtype", choices=["float32"], default=None,
-                        help="override every case's dtype (interpreter runs)")
+    parser.add_argument("--dtype", choices=["float32", "float16"], default=None,
+                        help="override every case's dtype (interpreter runs; it has no bfloat16)")
     parser.add_argument("--max-cases", type=int, default=None, help="only the first N kernel cases (0: modules only)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="run cases in this many processes (compilation dominates; the GPU is shared)")
@@ -364,10 +463,13 @@ def main() -> int:
     import triton
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
     print(f"device: {name}  torch {torch.__version__}  triton {triton.__version__}")
-    cases = quick_cases() if args.quick else feature_cases() + bench_cases()
+    if args.tiny:
+        cases = tiny_cases()
+    else:
+        cases = quick_cases() if args.quick else feature_cases() + tiny_cases() + bench_cases()
     if args.dtype:
         for c in cases:
-            c.dtype = torch.float32
+            c.dtype = getattr(torch, args.dtype)
     cases = cases[:args.max_cases]
     rows, failed = [], 0
     head = f"{'case':32} {'dtype':5} {'out':>8} " + " ".join(f"{n:>8}" for n in GRAD_NAMES)

@@ -377,6 +377,11 @@ def _bwd_kernel(
         if DVB > 0:
             dvb = tl.zeros([BLOCK_N, DVB], tl.float32)
     lam = tl.load(LAM + h * lam_stride).to(tl.float32)
+    # Key rows past M are loaded as zeros, so their scores are 0 (plus a bias read as 0), and
+    # exp2(0 − lse) = 2^−lse is not 0: with few keys the log-sum-exp can be far below 0 (N = M = 1:
+    # lse is the one score), and 2^−lse·(dPv − D) then overflows float16 in dS (float32 itself
+    # past lse < −128); inf × the zero key rows is NaN in dQ. -inf scores give those columns P = 0.
+    key_pad = tl.where(n_ok, 0.0, float("-inf"))
 
     lo = 0
     if IS_CAUSAL:  # only queries i >= the tile's first key see it
@@ -410,7 +415,7 @@ def _bwd_kernel(
         if DB > 0:
             q1b = _load_tile(q1_base, offs_m, m_ok, s_q1n, DA, DB, D)
             s1 = tl.dot(k1b, tl.trans(q1b), s1)
-        s1 = s1 * qk_scale
+        s1 = s1 * qk_scale + key_pad[:, None]
         if HAS_BIAS:
             s1 = s1 + bias
         p1 = tl.exp2(s1 - lse1[None, :])
@@ -432,7 +437,7 @@ def _bwd_kernel(
         if DB > 0:
             q2b = _load_tile(q2_base, offs_m, m_ok, s_q2n, DA, DB, D)
             s2 = tl.dot(k2b, tl.trans(q2b), s2)
-        s2 = s2 * qk_scale
+        s2 = s2 * qk_scale + key_pad[:, None]
         if HAS_BIAS:
             s2 = s2 + bias
         p2 = tl.exp2(s2 - lse2[None, :])
