@@ -201,14 +201,20 @@ _INTERPRETER_SCRIPT = textwrap.dedent(r"""
 """)
 
 
-def test_kernels_in_triton_interpreter_match_float64():
+def _run_in_interpreter(script: str, timeout: int) -> None:
+    """Run ``script`` in a fresh process with Triton's interpreter on (read at import time); it prints
+    ``OK worst ...`` when every check passed."""
     env = dict(os.environ, TRITON_INTERPRET="1", DIFFVISION_TRITON_AUTOTUNE="0")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=540)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "OK worst" in proc.stdout
+
+
+def test_kernels_in_triton_interpreter_match_float64():
+    _run_in_interpreter(_INTERPRETER_SCRIPT, timeout=540)
 
 
 # Shapes far below the tile sizes (issue 18: one query and one key gave inf / far-off gradients).
@@ -274,10 +280,4 @@ _TINY_SCRIPT = textwrap.dedent(r"""
 def test_kernels_in_triton_interpreter_tiny_shapes_match_float64():
     """N = M = 1, 1 x 17, 17 x 1, 2 x 2, 3 x 5 (causal, masked), and log-sum-exps far below zero,
     where the backward once gave padded key columns 2^-lse instead of 0 (inf / NaN gradients)."""
-    env = dict(os.environ, TRITON_INTERPRET="1", DIFFVISION_TRITON_AUTOTUNE="0")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", _TINY_SCRIPT], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "OK worst" in proc.stdout
+    _run_in_interpreter(_TINY_SCRIPT, timeout=300)
