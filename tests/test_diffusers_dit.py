@@ -2,6 +2,7 @@
 
 Everything runs on CPU with tiny configs (8×8 inputs, patch 2, 2 blocks, width 32-48).
 """
+import collections
 import json
 import math
 import sys
@@ -584,3 +585,75 @@ def test_diffusion_pipeline_from_pretrained(tmp_path, monkeypatch):
     run = lambda p: p([3], num_inference_steps=2, generator=torch.Generator().manual_seed(0),
                       output_type="pt").images
     torch.testing.assert_close(run(loaded), run(pipe), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# What a sampling forward dispatches (issue 18): no host reads off the CPU, no more ops than diffusers
+# ------------------------------------------------------------------------------------------------
+
+# Ops that read a tensor's values back to the host: a device synchronisation each when the tensor is on a GPU.
+_HOST_READS = {"_local_scalar_dense", "is_nonzero", "nonzero", "equal", "item"}
+
+
+@pytest.mark.parametrize("kind", ["standard", "diff"])
+def test_forward_off_the_cpu_reads_nothing_back(kind):
+    """A forward on tensors off the CPU reads no value back: each read would stall the GPU once per
+    denoising step (the label range check did, in eval mode). On the meta device any read raises."""
+    model = tiny(kind, in_channels=4).eval().to("meta")
+    x, t, y = (v.to("meta") for v in inputs(channels=4))
+    with torch.no_grad():
+        assert model(x, timestep=t, class_labels=y).sample.shape == (3, 4, 8, 8)
+
+
+def _block_ops(model, x, t, y):
+    """aten ops per transformer block over one forward (diffusers' per-block timestep + label embedding,
+    ``norm1.emb``, left out: ours computes it once per forward) and host reads over the whole forward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        block_ops, reads, depth = collections.Counter(), collections.Counter(), 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func._schema.name.split("::")[-1]
+            if self.depth == 1:
+                self.block_ops[name] += 1
+            if name in _HOST_READS:
+                self.reads[name] += 1
+            return func(*args, **(kwargs or {}))
+
+    counter = Counter()
+
+    def enter(*_):
+        counter.depth += 1
+
+    def leave(*_):
+        counter.depth -= 1
+
+    handles = []
+    for block in model.transformer_blocks:
+        handles += [block.register_forward_pre_hook(enter), block.register_forward_hook(leave)]
+        emb = getattr(getattr(block, "norm1", None), "emb", None)
+        if emb is not None:  # diffusers: out of the block's count while inside
+            handles += [emb.register_forward_pre_hook(enter), emb.register_forward_hook(leave)]
+    with torch.no_grad(), counter:
+        model(x, timestep=t, class_labels=y)
+    for h in handles:
+        h.remove()
+    n = len(model.transformer_blocks)
+    return {k: v / n for k, v in counter.block_ops.items()}, counter.reads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_standard_block_dispatches_no_more_than_diffusers(dtype):
+    """Ours standard block (fused qkv, one SDPA call, the adaLN chunk as views) dispatches no more aten ops
+    than diffusers' BasicTransformerBlock without its embedding (margin 0; 45 against 57 at DiT-S/2 on the
+    CPU) and copies nothing; neither forward dispatches a host read (``Tensor.tolist`` dispatches nothing on
+    the CPU: the meta-device test above covers it)."""
+    ours = perturb(tiny("standard", in_channels=4, learn_sigma=True)).eval().to(dtype)
+    ref = convert_diff_dit_to_dit(ours).eval()
+    x, t, y = inputs(channels=4)
+    ours_ops, ours_reads = _block_ops(ours, x.to(dtype), t, y)
+    ref_ops, ref_reads = _block_ops(ref, x.to(dtype), t, y)
+    assert sum(ours_ops.values()) <= sum(ref_ops.values()), (ours_ops, ref_ops)
+    assert not {"copy_", "_to_copy", "clone"} & set(ours_ops), ours_ops
+    assert not ours_reads and not ref_reads, (ours_reads, ref_reads)

@@ -219,13 +219,17 @@ class DiffDiTPipeline(DiffusionPipeline):
         pass_variance = self._scheduler_uses_variance()
         step_kwargs = self._step_kwargs(generator, eta)
 
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        # The scheduler's timesteps stay on the host, as in diffusers' DiTPipeline: step() and
+        # scale_model_input() index their tables with t and compare it (DDIM's prev_timestep >= 0, Euler's
+        # step-index lookup), a device synchronisation per step were t on the GPU. The model gets them from
+        # one copy to the device made before the loop (float for Euler, int otherwise), not one per step.
+        self.scheduler.set_timesteps(num_inference_steps)
+        model_timesteps = self.scheduler.timesteps.to(device)
         latents = latents * self.scheduler.init_noise_sigma
-        for t in self.progress_bar(self.scheduler.timesteps):
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_input = torch.cat([latents, latents]) if do_cfg else latents
             model_input = self.scheduler.scale_model_input(model_input, t)
-            # Float (Euler) or int timesteps, as a (batch,) tensor the model embeds directly.
-            timesteps = torch.as_tensor(t, device=device).reshape(1).expand(model_input.shape[0])
+            timesteps = model_timesteps[i].expand(model_input.shape[0])  # (batch,), embedded directly
             noise_pred = self.transformer(model_input, timestep=timesteps, class_labels=labels).sample
             eps, rest = noise_pred[:, :channels], noise_pred[:, channels:]
             if do_cfg:

@@ -393,15 +393,21 @@ class DiffDiTTransformer2DModel(ModelMixin, ConfigMixin):
                              f"{class_labels.dtype if isinstance(class_labels, Tensor) else type(class_labels).__name__}")
         if class_labels.shape != (B,):
             raise ValueError(f"class_labels has shape {tuple(class_labels.shape)}, expected ({B},) = (batch,)")
-        # The range check reads two numbers back from the device: skipped for CUDA tensors while training,
-        # where it would sync every step (training labels are range-checked when the data is loaded).
-        if not torch.compiler.is_compiling() and not (self.training and class_labels.is_cuda):
-            high = cfg.num_classes + (1 if self.has_null_class else 0)
-            lo, hi = torch.stack([class_labels.min(), class_labels.max()]).tolist()
-            if lo < 0 or hi >= high:
-                null = (f"; {cfg.num_classes} is the null class" if self.has_null_class
-                        else " (no null class: class_dropout_prob=0)")
-                raise ValueError(f"class_labels must lie in [0, {high - 1}]{null}, got values in [{lo}, {hi}]")
+        # The range check reads two numbers back from the labels' device: free for CPU tensors, a host sync
+        # per forward (per denoising step) on a GPU, so it runs on CPU tensors only. Labels on a GPU were
+        # checked on the host before they got there (the pipeline checks its labels, the data module its
+        # training labels), and an index past the embedding table still fails there (a device-side assert).
+        if class_labels.device.type == "cpu" and not torch.compiler.is_compiling():
+            self._check_label_range(class_labels)
+
+    def _check_label_range(self, class_labels: Tensor) -> None:
+        cfg = self.config
+        high = cfg.num_classes + (1 if self.has_null_class else 0)
+        lo, hi = torch.stack([class_labels.min(), class_labels.max()]).tolist()
+        if lo < 0 or hi >= high:
+            null = (f"; {cfg.num_classes} is the null class" if self.has_null_class
+                    else " (no null class: class_dropout_prob=0)")
+            raise ValueError(f"class_labels must lie in [0, {high - 1}]{null}, got values in [{lo}, {hi}]")
 
     @staticmethod
     def _timestep_batch(timestep, batch: int, device: torch.device) -> Tensor:
