@@ -275,6 +275,10 @@ def build_models():
 
 
 def train_throughput(make_model, batch, device, steps=20, warmup=6, compile_=False, compile_mode=None):
+    """Training images/s and peak GiB (bf16 autocast, fused AdamW, random 224 px data), timed as
+    bench_speed times every row: median of three windows of ``steps`` steps after ``warmup``."""
+    from bench_speed import timed_windows  # train/ is on sys.path when this script runs
+
     torch.manual_seed(0)
     model = make_model().to(device).train()
     if compile_:
@@ -282,6 +286,7 @@ def train_throughput(make_model, batch, device, steps=20, warmup=6, compile_=Fal
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x = torch.randn(batch, 3, 224, 224, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
+    losses = []
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -289,26 +294,14 @@ def train_throughput(make_model, batch, device, steps=20, warmup=6, compile_=Fal
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss
+        losses[:] = [loss.detach()]
 
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(3):  # three timed windows; report the median
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(steps):
-            loss = step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    assert torch.isfinite(loss).item()
-    t = sorted(times)[1]
+    t = timed_windows(step, device, warmup, steps, windows=3)
+    assert torch.isfinite(losses[-1]).item()
     peak = torch.cuda.max_memory_allocated() / 2**30
     del model, opt
     torch.cuda.empty_cache()
-    return batch * steps / t, peak
+    return batch / t, peak
 
 
 # ---------------------------------------------------------------------------------------------

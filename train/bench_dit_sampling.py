@@ -266,21 +266,14 @@ def child_ops(args, src: str) -> list[dict]:
 # ---- CUDA timing -----------------------------------------------------------------------------------------
 
 def time_forward(model, x, t, y, iters: int) -> float:
-    """img/s of one forward on ``len(x) / 2`` images (a guidance batch), median of 3 CUDA-event windows."""
+    """img/s of one forward on ``len(x) / 2`` images (a guidance batch): bench_speed's timing (median of
+    3 CUDA-event windows after 3 warm-up calls)."""
+    from bench_speed import timed_windows  # train/ is on sys.path when this script runs
+
     with torch.no_grad():
-        for _ in range(3):
-            model(x, timestep=t, class_labels=y)
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(3):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(iters):
-                model(x, timestep=t, class_labels=y)
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3 / iters)
-    return (len(x) // 2) / sorted(times)[1]
+        seconds = timed_windows(lambda: model(x, timestep=t, class_labels=y), torch.device("cuda"),
+                                warmup=3, steps=iters, windows=3)
+    return (len(x) // 2) / seconds
 
 
 def cuda_syncs(fn) -> list[str]:
