@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from diffvision.data.datasets import write_cifar10_npz
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 REAL_CIFAR10 = REPO.parent / "shared" / "data" / "cifar10"
@@ -25,14 +27,6 @@ def jpeg_bytes(image: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="JPEG", quality=90)
     return buf.getvalue()
-
-
-def write_jpeg_npz(path: Path, jpegs: list[bytes], labels, classes) -> None:
-    offsets = np.zeros(len(jpegs) + 1, dtype=np.int64)
-    offsets[1:] = np.cumsum([len(b) for b in jpegs])
-    blob = np.frombuffer(b"".join(jpegs), dtype=np.uint8)
-    np.savez(path, jpeg=blob, offsets=offsets, labels=np.asarray(labels, dtype=np.uint8),
-             classes=np.asarray(classes))
 
 
 def make_cifar_npz(root: Path, per_class_train: int, per_class_test: int, seed: int = 0) -> Path:
@@ -57,7 +51,7 @@ def make_cifar_npz(root: Path, per_class_train: int, per_class_test: int, seed: 
                 for _ in range(k):
                     jpegs.append(jpeg_bytes(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)))
                     labels.append(c)
-        write_jpeg_npz(root / f"{split}.npz", jpegs, labels, classes)
+        write_cifar10_npz(root / f"{split}.npz", jpegs, labels, classes)
     return root
 
 

@@ -11,10 +11,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-from _training_data import CONFIGS, jpeg_bytes, make_cifar_npz, make_imagefolder, write_idx, write_jpeg_npz
+from _training_data import CONFIGS, jpeg_bytes, make_cifar_npz, make_imagefolder, write_idx
+
 from diffvision.cli import DiffvisionCLI
 from diffvision.data import ImageDataModule, load_split, stratified_subset
 from diffvision.data import datasets as datasets_module
+from diffvision.data.datasets import write_cifar10_npz
 from diffvision.data.fractions import per_class_counts, smallest_fraction
 from diffvision.lightning import ImageClassifier
 
@@ -206,10 +208,10 @@ def test_truncated_or_corrupt_npz_names_the_file(cifar, tmp_path):
 def test_npz_with_bad_contents_names_file_and_image(tmp_path):
     good = [jpeg_bytes(np.full((32, 32, 3), v, np.uint8)) for v in (10, 200)]
     path = tmp_path / "train.npz"
-    write_jpeg_npz(path, [good[0], b"\xff\xd8 garbage", good[1]], [0, 1, 0], ["a", "b"])
+    write_cifar10_npz(path, [good[0], b"\xff\xd8 garbage", good[1]], [0, 1, 0], ["a", "b"])
     with pytest.raises(ValueError, match=rf"{path}: image 1 \(bytes \d+\.\.\d+\) does not decode"):
         datasets_module.read_cifar10_npz(path)
-    write_jpeg_npz(path, good, [0, 7], ["a", "b"])
+    write_cifar10_npz(path, good, [0, 7], ["a", "b"])
     with pytest.raises(ValueError, match=rf"{path}: class labels \[7\] are out of range for 2 classes: labels "
                                          rf"must be integers in \[0, 1\]"):
         datasets_module.read_cifar10_npz(path)

@@ -2,7 +2,6 @@
 preset runs where, the ImageNet-style imagefolder path, and train/bench_loader.py."""
 from __future__ import annotations
 
-import importlib.util
 import random
 
 import numpy as np
@@ -11,7 +10,7 @@ import torch
 from PIL import Image
 from timm.data import create_transform
 
-from _training_data import CONFIGS, QUIET, REPO, make_fashion_idx, make_imagefolder
+from _training_data import CONFIGS, QUIET, make_fashion_idx, make_imagefolder
 from diffvision.cli import DiffvisionCLI
 from diffvision.data import TIMM_OPTIONS, ImageDataModule, TimmTransform
 from diffvision.data.timm_augment import keep_posterize_zero_bits
@@ -136,15 +135,9 @@ def test_imagefolder_config_trains_with_the_deit_recipe(tmp_path):
     assert cli.model.ema is not None and cli.model.mixup is not None
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_loader", REPO / "train" / "bench_loader.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_loader_benchmark_runs_on_a_small_folder_and_at_32px(tmp_path):
-    bench = load_bench()
+    from diffvision.experiments import loader_bench as bench
+
     root = bench.make_jpeg_folder(tmp_path / "jpegs", images=12, classes=3, src_size=(64, 48))
     assert len(list((root / "train").rglob("*.jpg"))) == 12
     rows = bench.main(["imagefolder", "--root", str(root), "--img-size", "32", "--batch-size", "4", "--workers", "0",

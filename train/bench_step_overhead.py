@@ -58,6 +58,8 @@ def write_fake_cifar(root: Path, n_train: int, n_test: int = 100) -> Path:
     """``root/{train,test}.npz`` of random 32x32 JPEGs in the ``cifar10_npz`` layout."""
     from PIL import Image
 
+    from diffvision.data.datasets import write_cifar10_npz
+
     rng = np.random.default_rng(0)
     root.mkdir(parents=True, exist_ok=True)
     for split, n in (("train", n_train), ("test", n_test)):
@@ -66,10 +68,7 @@ def write_fake_cifar(root: Path, n_train: int, n_test: int = 100) -> Path:
             buf = io.BytesIO()
             Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, format="JPEG")
             blobs.append(buf.getvalue())
-        offsets = np.zeros(n + 1, dtype=np.int64)
-        offsets[1:] = np.cumsum([len(b) for b in blobs])
-        np.savez(root / f"{split}.npz", jpeg=np.frombuffer(b"".join(blobs), dtype=np.uint8), offsets=offsets,
-                 labels=(np.arange(n) % 10).astype(np.uint8), classes=np.asarray(CLASSES))
+        write_cifar10_npz(root / f"{split}.npz", blobs, np.arange(n) % 10, CLASSES)
     return root
 
 

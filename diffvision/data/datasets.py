@@ -48,6 +48,7 @@ __all__ = [
     "default_cache_dir",
     "default_root",
     "read_cifar10_npz",
+    "write_cifar10_npz",
     "read_idx",
     "read_imagefolder",
     "imagefolder_files",
@@ -183,6 +184,19 @@ def _read_npz_arrays(path: Path, names: Sequence[str]) -> dict[str, np.ndarray]:
         if str(path) in str(err):
             raise
         raise ValueError(f"{path} is not a readable .npz (truncated or corrupt? {err}); copy it again") from err
+
+
+def write_cifar10_npz(path: Path, jpegs: Sequence[bytes], labels, classes: Sequence[str]) -> Path:
+    """Write ``path`` in the layout :func:`read_cifar10_npz` reads: the JPEG files' bytes concatenated
+    (``jpeg``), where each starts and ends (``offsets``, ``len(jpegs) + 1``), uint8 ``labels`` and the
+    class names (``classes``). Synthetic datasets for tests and benchmarks are written with it."""
+    if len(jpegs) != len(labels):
+        raise ValueError(f"{len(jpegs)} JPEGs but {len(labels)} labels: give one label per image")
+    offsets = np.zeros(len(jpegs) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(b) for b in jpegs])
+    np.savez(path, jpeg=np.frombuffer(b"".join(jpegs), dtype=np.uint8), offsets=offsets,
+             labels=np.asarray(labels, dtype=np.uint8), classes=np.asarray(list(classes)))
+    return Path(path)
 
 
 def read_cifar10_npz(path: Path) -> ImageArrays:
