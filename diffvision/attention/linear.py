@@ -485,15 +485,22 @@ class DynamicDifferentialLinearAttention(LinearAttention):
             inputs = (x, x)
         return tuple(self.routed_value(self.lambda_bank, r(i), shape) for r, i in zip(routers, inputs))
 
-    def routing(self, x: Tensor) -> dict[str, Tensor]:
-        """The choices the routers make for ``x`` (indices per token), for inspection and utilisation logs."""
+    def token_routers(self) -> dict[str, nn.Linear]:
+        """The routers that choose from the layer's input ``x``, by name: ``q_router`` / ``k_router`` (the
+        projectors), ``kernel`` (γ) and ``lambda_q`` / ``lambda_k`` (λ) with the ``token`` routings. The
+        ``per_tensor`` routers choose from intermediate vectors and are not listed."""
         out = {}
-        with torch.no_grad():
-            for name in ("q_router", "k_router"):
-                if hasattr(self, name):
-                    out[name] = getattr(self, name)(x).argmax(-1)
-            if hasattr(self, "kernel_routers") and self.options["kernel_routing"] == "token":
-                out["kernel"] = self.kernel_routers[0](x).argmax(-1)
-            if hasattr(self, "lambda_routers") and self.options["lambda_routing"] == "token":
-                out["lambda_q"], out["lambda_k"] = (r(x).argmax(-1) for r in self.lambda_routers)
+        for name in ("q_router", "k_router"):
+            if hasattr(self, name):
+                out[name] = getattr(self, name)
+        if hasattr(self, "kernel_routers") and self.options["kernel_routing"] == "token":
+            out["kernel"] = self.kernel_routers[0]
+        if hasattr(self, "lambda_routers") and self.options["lambda_routing"] == "token":
+            out["lambda_q"], out["lambda_k"] = self.lambda_routers
         return out
+
+    def routing(self, x: Tensor) -> dict[str, Tensor]:
+        """The choices the routers make for ``x`` (indices per token), for inspection and utilisation logs
+        (:class:`diffvision.lightning.RouterMonitor`)."""
+        with torch.no_grad():
+            return {name: router(x).argmax(-1) for name, router in self.token_routers().items()}

@@ -25,6 +25,7 @@ from .checkpoint_io import AtomicCheckpointIO
 from .classifier import ImageClassifier, create_classifier
 from .fid import FIDDuringValidation
 from .lambda_monitor import LambdaMonitor
+from .router_monitor import RouterMonitor
 from .loggers import ResumableCSVLogger, read_epoch_metrics, wait_past_event_files
 from .optim import lr_factor, param_groups
 
@@ -40,6 +41,7 @@ __all__ = [
     "GaussianDiffusionTerms",
     "ImageClassifier",
     "LambdaMonitor",
+    "RouterMonitor",
     "LastCheckpoint",
     "LogShortEpochs",
     "PredictionWriter",

@@ -10,7 +10,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from ..attention import DifferentialAttentionV2, GroupedDifferentialAttention, attention_layers
 
-__all__ = ["LambdaMonitor", "differential_layers"]
+__all__ = ["LambdaMonitor", "differential_layers", "trained_layers"]
 
 
 def _averaged_copies(module: nn.Module) -> list[nn.Module]:
@@ -21,15 +21,19 @@ def _averaged_copies(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if isinstance(m, (AveragedModel, ModelEma, ModelEmaV2, ModelEmaV3))]
 
 
-def differential_layers(module: nn.Module) -> list[nn.Module]:
-    """The DIFF / GDA / DIFF V2 attention modules of the network ``module`` trains, in definition order
+def trained_layers(module: nn.Module, kinds: tuple[type, ...]) -> list[nn.Module]:
+    """The attention modules of types ``kinds`` in the network ``module`` trains, in definition order
     (layer 0 is the first block's); the layers of a weight-averaged (EMA) copy are not counted again."""
     in_copies = {id(m) for copy in _averaged_copies(module) for m in copy.modules()}
-    return [m for m in attention_layers(module)
-            if isinstance(m, (GroupedDifferentialAttention, DifferentialAttentionV2)) and id(m) not in in_copies]
+    return [m for m in attention_layers(module) if isinstance(m, kinds) and id(m) not in in_copies]
 
 
-def _monitored(pl_module: pl.LightningModule) -> nn.Module:
+def differential_layers(module: nn.Module) -> list[nn.Module]:
+    """The DIFF / GDA / DIFF V2 attention modules of the network ``module`` trains (:func:`trained_layers`)."""
+    return trained_layers(module, (GroupedDifferentialAttention, DifferentialAttentionV2))
+
+
+def monitored(pl_module: pl.LightningModule) -> nn.Module:
     """The weights whose λ is logged: a classifier's evaluated ones (its EMA's, with ``ema_eval``), else the module."""
     return getattr(pl_module, "evaluated_model", pl_module)
 
@@ -62,7 +66,7 @@ class LambdaMonitor(pl.Callback):
         if epoch % self.every_n_epochs and epoch != trainer.max_epochs:
             return
         values = {}
-        for i, layer in enumerate(differential_layers(_monitored(pl_module))):
+        for i, layer in enumerate(differential_layers(monitored(pl_module))):
             if isinstance(layer, GroupedDifferentialAttention):
                 with torch.no_grad():
                     values[f"lambda/layer_{i}"] = float(layer.lam().float().mean())
@@ -73,7 +77,7 @@ class LambdaMonitor(pl.Callback):
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
-        v2 = [(i, m) for i, m in enumerate(differential_layers(_monitored(pl_module))) if isinstance(m, DifferentialAttentionV2)]
+        v2 = [(i, m) for i, m in enumerate(differential_layers(monitored(pl_module))) if isinstance(m, DifferentialAttentionV2)]
         self._v2_index = [i for i, _ in v2]
         self._sums, self._counts = [None] * len(v2), [0] * len(v2)
         for j, (_, layer) in enumerate(v2):
