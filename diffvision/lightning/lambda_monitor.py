@@ -10,7 +10,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from ..attention import DifferentialAttentionV2, GroupedDifferentialAttention, attention_layers
 
-__all__ = ["LambdaMonitor", "differential_layers", "trained_layers"]
+__all__ = ["ForwardHooks", "LambdaMonitor", "differential_layers", "trained_layers"]
 
 
 def _averaged_copies(module: nn.Module) -> list[nn.Module]:
@@ -38,7 +38,23 @@ def monitored(pl_module: pl.LightningModule) -> nn.Module:
     return getattr(pl_module, "evaluated_model", pl_module)
 
 
-class LambdaMonitor(pl.Callback):
+class ForwardHooks(pl.Callback):
+    """A callback that watches layers through forward hooks it holds in ``self._hooks``: removed with
+    ``_remove_hooks`` and, whatever happens, when the run fails."""
+
+    def __init__(self) -> None:
+        self._hooks: list = []
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._remove_hooks()
+
+    def _remove_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+
+class LambdaMonitor(ForwardHooks):
     """Logs λ per differential attention layer as ``lambda/layer_<i>`` (``i`` counts the DIFF / GDA /
     DIFF V2 modules in definition order, i.e. blocks in depth order).
 
@@ -55,8 +71,8 @@ class LambdaMonitor(pl.Callback):
     def __init__(self, every_n_epochs: int = 1) -> None:
         if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be a positive int, got {every_n_epochs!r}")
+        super().__init__()
         self.every_n_epochs = every_n_epochs
-        self._hooks: list = []
         self._sums: list[Optional[torch.Tensor]] = []
         self._counts: list[int] = []
         self._v2_index: list[int] = []   # the layer numbers of the DIFF V2 modules being watched
@@ -98,11 +114,3 @@ class LambdaMonitor(pl.Callback):
                   for i, s, c in zip(self._v2_index, self._sums, self._counts) if s is not None and c}
         if values:
             pl_module.log_dict(values, on_step=False, on_epoch=True, rank_zero_only=True)
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._remove_hooks()
-
-    def _remove_hooks(self) -> None:
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []

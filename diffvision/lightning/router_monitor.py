@@ -7,12 +7,12 @@ import lightning.pytorch as pl
 import torch
 
 from ..attention import DynamicDifferentialLinearAttention
-from .lambda_monitor import monitored, trained_layers
+from .lambda_monitor import ForwardHooks, monitored, trained_layers
 
 __all__ = ["RouterMonitor"]
 
 
-class RouterMonitor(pl.Callback):
+class RouterMonitor(ForwardHooks):
     """Logs, for every ``dydila`` attention layer ``i`` and each router ``r`` that chooses from the layer's
     input (``DynamicDifferentialLinearAttention.token_routers``: ``q_router``, ``k_router``, ``kernel``,
     ``lambda_q``, ``lambda_k``), over the tokens of each validation run:
@@ -27,7 +27,7 @@ class RouterMonitor(pl.Callback):
     """
 
     def __init__(self) -> None:
-        self._hooks: list = []
+        super().__init__()
         self._counts: list[dict[str, torch.Tensor]] = []
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -59,11 +59,3 @@ class RouterMonitor(pl.Callback):
                 values[f"router/layer_{i}/{name}_entropy"] = entropy / math.log(len(share)) if len(share) > 1 else 0.0
         if values:
             pl_module.log_dict(values, on_step=False, on_epoch=True, rank_zero_only=True)
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._remove_hooks()
-
-    def _remove_hooks(self) -> None:
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
