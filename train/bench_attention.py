@@ -275,33 +275,17 @@ def build_models():
 
 
 def train_throughput(make_model, batch, device, steps=20, warmup=6, compile_=False, compile_mode=None):
-    """Training images/s and peak GiB (bf16 autocast, fused AdamW, random 224 px data), timed as
-    bench_speed times every row: median of three windows of ``steps`` steps after ``warmup``."""
-    from bench_speed import timed_windows  # train/ is on sys.path when this script runs
+    """Training images/s and peak GiB at 224 px, 1000 classes: bench_speed's ``training_rate`` (median of
+    three windows of ``steps`` steps after ``warmup``)."""
+    from bench_speed import training_rate  # train/ is on sys.path when this script runs
 
     torch.manual_seed(0)
     model = make_model().to(device).train()
-    if compile_:
-        model = torch.compile(model, mode=compile_mode)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    x = torch.randn(batch, 3, 224, 224, device=device)
-    y = torch.randint(0, 1000, (batch,), device=device)
-    losses = []
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses[:] = [loss.detach()]
-
-    t = timed_windows(step, device, warmup, steps, windows=3)
-    assert torch.isfinite(losses[-1]).item()
-    peak = torch.cuda.max_memory_allocated() / 2**30
-    del model, opt
+    result = training_rate(model, batch, 224, 1000, device, warmup, steps, windows=3,
+                           compile_kwargs=dict(mode=compile_mode) if compile_ else None)
+    del model
     torch.cuda.empty_cache()
-    return batch / t, peak
+    return result
 
 
 # ---------------------------------------------------------------------------------------------

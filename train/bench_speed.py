@@ -51,6 +51,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -210,19 +211,15 @@ def train_models(size: str, smoke: bool):
     return [r for r in rows if r[1] in timm.list_models(r[1])]
 
 
-def train_images_per_s(name, kwargs, args, device, compile_: bool) -> tuple[float, float]:
-    import timm
-
-    torch.manual_seed(0)
-    free(device)
-    model = timm.create_model(name, **kwargs).to(device).train()
-    size = model.default_cfg.get("input_size", (3, 224, 224))[-1] if not args.smoke else 32
-    classes = model.num_classes
-    if compile_:
-        model = torch.compile(model, mode=args.compile_mode, backend=args.compile_backend)
+def training_rate(model, batch: int, img_size: int, classes: int, device: torch.device, warmup: int, steps: int,
+                  windows: int, compile_kwargs: Optional[dict] = None) -> tuple[float, float]:
+    """Images/s of ``model``'s training steps (bf16 autocast, cross-entropy, AdamW, random data already on the
+    device; ``torch.compile(**compile_kwargs)`` first when given) by :func:`timed_windows`, and peak GiB."""
+    if compile_kwargs is not None:
+        model = torch.compile(model, **compile_kwargs)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    x = torch.randn(args.train_batch, 3, size, size, device=device)
-    y = torch.randint(0, classes, (args.train_batch,), device=device)
+    x = torch.randn(batch, 3, img_size, img_size, device=device)
+    y = torch.randint(0, classes, (batch,), device=device)
     losses = []
 
     def step():
@@ -231,13 +228,24 @@ def train_images_per_s(name, kwargs, args, device, compile_: bool) -> tuple[floa
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
-        del losses[:-1]
+        losses[:] = [loss.detach()]
 
-    t = timed_windows(step, device, args.train_warmup, args.train_steps, args.windows)
+    t = timed_windows(step, device, warmup, steps, windows)
     if not torch.isfinite(losses[-1]).item():
         raise RuntimeError("non-finite loss")
-    return args.train_batch / t, peak_gib(device)  # the next measurement frees the memory
+    return batch / t, peak_gib(device)
+
+
+def train_images_per_s(name, kwargs, args, device, compile_: bool) -> tuple[float, float]:
+    import timm
+
+    torch.manual_seed(0)
+    free(device)  # the next measurement frees this one's memory
+    model = timm.create_model(name, **kwargs).to(device).train()
+    size = model.default_cfg.get("input_size", (3, 224, 224))[-1] if not args.smoke else 32
+    compile_kwargs = dict(mode=args.compile_mode, backend=args.compile_backend) if compile_ else None
+    return training_rate(model, args.train_batch, size, model.num_classes, device, args.train_warmup,
+                         args.train_steps, args.windows, compile_kwargs)
 
 
 def part_training(args, device, targets: Targets, results: dict) -> list[Table]:

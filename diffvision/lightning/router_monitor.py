@@ -35,13 +35,13 @@ class RouterMonitor(ForwardHooks):
         layers = trained_layers(monitored(pl_module), (DynamicDifferentialLinearAttention,))
         self._counts = [{} for _ in layers]
         for i, layer in enumerate(layers):
-            self._hooks.append(layer.register_forward_hook(self._count(i)))
+            sizes = {name: router.out_features for name, router in layer.token_routers().items()}
+            self._hooks.append(layer.register_forward_hook(self._count(i, sizes)))
 
-    def _count(self, i: int):
+    def _count(self, i: int, sizes: dict[str, int]):
         def hook(module, inputs, output):
             for name, choice in module.routing(inputs[0]).items():
-                size = module.token_routers()[name].out_features
-                counts = torch.bincount(choice.flatten(), minlength=size)
+                counts = torch.bincount(choice.flatten(), minlength=sizes[name])
                 self._counts[i][name] = counts if name not in self._counts[i] else self._counts[i][name] + counts
         return hook
 
