@@ -653,14 +653,22 @@ def main() -> int:
             results[part] = dict(error=_err(e))
             targets.add(part, f"{part} (whole part)", NAN, None, NAN, error=_err(e))
         print(f"  [{part}: {time.time() - t0:.0f} s]", flush=True)
+        # after every part, so a run stopped by a time limit keeps the parts it finished
+        write_outputs(args, info, results, targets, tables, smoke, quiet=part != parts[-1])
     summary = targets.table()
-    results["targets"] = targets.rows
-
     print(f"\ndevice: {info['device']}; " + ", ".join(f"{k} {info[k]}" for k in
                                                         ("torch", "triton", "timm", "diffusers", "lightning")))
     for tab in tables + [summary]:
         print(tab.text())
     print(f"\n(total {time.time() - t_all:.0f} s)")
+    return 0
+
+
+def write_outputs(args, info: dict, results: dict, targets: Targets, tables: list[Table], smoke: bool,
+                  quiet: bool) -> None:
+    """``--json`` and ``--markdown`` with every part measured so far."""
+    summary = targets.table()
+    results["targets"] = targets.rows
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1, default=str)
@@ -671,11 +679,11 @@ def main() -> int:
                 + (f" (CUDA {info['cuda']})" if info.get("cuda") else "")
                 + f", triton {info['triton']}, timm {info['timm']}, diffusers {info['diffusers']}, "
                   f"lightning {info['lightning']}, Python {info['python']}. Command (repository root):", "",
-                "```bash", command, "```", ""]
+                "```bash", info["command"], "```", ""]
         with open(args.markdown, "w") as f:
             f.write("\n".join(head) + "\n" + summary.markdown() + "\n" + "\n".join(tab.markdown() for tab in tables))
-        print(f"wrote {args.markdown}")
-    return 0
+        if not quiet:
+            print(f"wrote {args.markdown}")
 
 
 if __name__ == "__main__":
