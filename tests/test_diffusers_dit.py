@@ -657,3 +657,21 @@ def test_standard_block_dispatches_no_more_than_diffusers(dtype):
     assert sum(ours_ops.values()) <= sum(ref_ops.values()), (ours_ops, ref_ops)
     assert not {"copy_", "_to_copy", "clone"} & set(ours_ops), ours_ops
     assert not ours_reads and not ref_reads, (ours_reads, ref_reads)
+
+
+@pytest.mark.parametrize("kind", ["standard", "diff"])
+def test_residual_stream_is_row_major_in_every_block(kind):
+    """The token stream enters and leaves every block contiguous: PatchEmbed hands over the conv output
+    transposed, and `x + gate * f(x)` keeps its first operand's layout, so without the model's one copy
+    every residual add, norm and MLP input would run through a transposed layout (on a GPU: uncoalesced
+    elementwise kernels and a copy inside every LayerNorm)."""
+    model = perturb(tiny(kind, in_channels=4, learn_sigma=True)).eval()
+    seen = []
+    handles = [b.register_forward_hook(lambda m, args, out: seen.append((args[0].is_contiguous(), out.is_contiguous())))
+               for b in model.transformer_blocks]
+    x, t, y = inputs(channels=4)
+    with torch.no_grad():
+        model(x, timestep=t, class_labels=y)
+    for h in handles:
+        h.remove()
+    assert len(seen) == len(model.transformer_blocks) and all(a and b for a, b in seen), seen

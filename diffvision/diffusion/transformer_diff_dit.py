@@ -459,7 +459,11 @@ class DiffDiTTransformer2DModel(ModelMixin, ConfigMixin):
         """
         self._check_inputs(hidden_states, class_labels)
         t = self._timestep_batch(timestep, hidden_states.shape[0], hidden_states.device)
-        x = self.pos_embed(hidden_states)
+        # PatchEmbed returns the conv's output transposed ((B, N, C) with the channels outermost in memory);
+        # the residual adds `x + gate * f(x)` keep their first operand's layout, so without this one copy
+        # every block would add, normalise and feed the MLP through that transposed layout (diffusers'
+        # block writes `f(x) + x` and so gets a row-major stream without asking).
+        x = self.pos_embed(hidden_states).contiguous()
         c = self.conditioning(t, class_labels, x.dtype)
         for block in self.transformer_blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
