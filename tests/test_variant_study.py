@@ -151,3 +151,20 @@ def test_recipes_pair_within_themselves_and_compare_arm_by_arm(tmp_path):
     assert f"{d.mean():+.2f} ± {d.std(ddof=1):.2f} (3)" in line.split("|")[3]
     for name in ("variant_study_gain.png", "variant_study_gain_deit.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_each_recipe_is_its_own_grid_of_missing_runs(tmp_path):
+    """A fraction only the deit sweep ran (standard at 100 %, seed 0) leaves holes in deit's grid only, named
+    with the recipe; the light grid, complete, reports none."""
+    write_tree(tmp_path / "light")
+    write_tree(tmp_path / "deit", recipe="deit", rng_seed=1)
+    extra = tmp_path / "deit" / "standard_f1.0_s0"
+    (extra / "version_0").mkdir(parents=True)
+    (extra / "result.json").write_text(json.dumps({
+        "task": "classification", "kind": "standard", "model_name": "vit_tiny_patch4_32", "fraction": 1.0,
+        "seed": 0, "final": {"val/acc1": 0.5}, "recipe": "deit"}))
+    _, problems = discover([tmp_path / "light", tmp_path / "deit"])
+    missing = {p.name for p in problems if p.status == "missing"}
+    expected = {f"classification/deit/{arm}/100%/seed{s}" for arm in ARMS for s in SEEDS} - {
+        "classification/deit/standard/100%/seed0"}
+    assert missing == expected

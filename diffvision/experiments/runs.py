@@ -19,6 +19,8 @@ __all__ = ["KIND_ORDER", "Problem", "Run", "discover", "order_kinds", "percent"]
 
 # the attention kinds in the order tables and plots show them; other kinds follow, sorted
 KIND_ORDER = ("standard", "diff", "gda", "diffv2")
+# what a run that records no recipe trained with: the configs' own (configs/recipes/light.yaml names it)
+DEFAULT_RECIPE = "light"
 
 
 @dataclass
@@ -52,7 +54,7 @@ class Run:
     def recipe(self) -> str:
         """The training recipe (``result.json``'s ``recipe``); runs written before the sweep recorded it
         trained with the configs' own recipe, ``light``."""
-        return self.result.get("recipe") or "light"
+        return self.result.get("recipe") or DEFAULT_RECIPE
 
     @property
     def wall_s(self) -> float:
@@ -136,15 +138,19 @@ def discover(roots: Sequence[Path]) -> tuple[list[Run], list[Problem]]:
 
 
 def _missing(runs: Sequence[Run]) -> list[Problem]:
-    """The (kind, fraction, seed) cells of each task's grid that no run fills."""
+    """The (kind, fraction, seed) cells of each task's and recipe's grid that no run fills (two recipes
+    are two grids: a recipe that ran fewer fractions does not make holes in the other's)."""
     problems = []
     for task in TASKS:
-        mine = [r for r in runs if r.task == task]
-        have = {(r.kind, r.fraction, r.seed) for r in mine}
-        for kind in order_kinds(r.kind for r in mine):
-            for fraction in sorted({r.fraction for r in mine}):
-                for seed in sorted({r.seed for r in mine}):
-                    if (kind, fraction, seed) not in have:
-                        problems.append(Problem(f"{task}/{kind}/{percent(fraction)}/seed{seed}", Path("-"), "missing",
-                                                f"no {task} run for kind={kind}, fraction={fraction}, seed={seed}"))
+        for recipe in sorted({r.recipe for r in runs if r.task == task}):
+            mine = [r for r in runs if r.task == task and r.recipe == recipe]
+            have = {(r.kind, r.fraction, r.seed) for r in mine}
+            where = task if recipe == DEFAULT_RECIPE else f"{task}/{recipe}"
+            for kind in order_kinds(r.kind for r in mine):
+                for fraction in sorted({r.fraction for r in mine}):
+                    for seed in sorted({r.seed for r in mine}):
+                        if (kind, fraction, seed) not in have:
+                            problems.append(Problem(f"{where}/{kind}/{percent(fraction)}/seed{seed}", Path("-"),
+                                                    "missing", f"no {where} run for kind={kind}, "
+                                                               f"fraction={fraction}, seed={seed}"))
     return problems
