@@ -310,8 +310,12 @@ class GroupedDifferentialAttention(nn.Module):
         else:
             out = differential_attention(q1, k1, q2, k2, v, self.lam(), attn_mask=attn_mask, is_causal=is_causal,
                                          dropout_p=dropout_p, backend=self.backend)
-        out = self.head_norm(out)
-        out = self.norm(out.transpose(1, 2).reshape(B, N, -1))
+        # Heads back to the token layout first, then the per-head norm (over the last dim, so the order does
+        # not change the result): the Triton kernel writes (B, N, heads, dv) in memory and the SDPA path
+        # inherits SDPA's layout, so the transpose is contiguous and the norm and the merge copy nothing; the
+        # norm before the transpose made one copy in the fused norm and another in the merge.
+        out = self.head_norm(out.transpose(1, 2))
+        out = self.norm(out.reshape(B, N, -1))
         return self.proj_drop(self.proj(out))
 
     def attention_maps(self, x: Tensor, attn_mask: Optional[Tensor] = None,
