@@ -355,7 +355,10 @@ def _v2_sdpa(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, attn_mask: Optional[T
     if attn_mask is not None:
         # zeros for a query head's row with no visible key (some CUDA kernels give an average instead)
         out = out.masked_fill(no_key_rows(attn_mask).unsqueeze(-1), 0.0)  # no .any(): it would sync the GPU
-    return out[:, 0::2] - lam.unsqueeze(-1).to(out.dtype) * out[:, 1::2]
+    # heads (2i, 2i+1) as one pair axis: unbind's backward stacks the two gradients in one write, where
+    # strided slices (out[:, 0::2]) would each fill a zero tensor of out's size and copy into it
+    signal, noise = out.unflatten(1, (-1, 2)).unbind(2)
+    return signal - lam.unsqueeze(-1).to(out.dtype) * noise
 
 
 def differential_attention_v2_unchecked(
